@@ -1,0 +1,3 @@
+from .trainer import Trainer, ddp_kwargs
+
+__all__ = ["Trainer", "ddp_kwargs"]

@@ -1,0 +1,82 @@
+"""``setup()`` and ``main()`` shared by ``train_net.py`` and the tools."""
+import logging
+import os
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+from detectron2.utils import comm
+
+from ..checkpoint import CheckpointError, DefectCheckpointer
+from ..config import add_defects_config
+from ..data.coco import DatasetError
+
+__all__ = ["UserError", "load_config", "setup", "main", "run"]
+
+logger = logging.getLogger("d2_defects")
+
+# Errors caused by the user's input: reported as one line, without a traceback.
+USER_ERRORS = (CheckpointError, DatasetError, FileNotFoundError)
+
+
+class UserError(ValueError):
+    """A problem in the user's config, command line or files, reported without a traceback."""
+
+
+def load_config(config_file, opts=()):
+    """get_cfg -> add_defects_config -> merge file -> merge opts (not frozen)."""
+    cfg = add_defects_config(get_cfg())
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except KeyError as e:
+        where = f"{config_file} or the command line" if config_file else "the command line"
+        raise UserError(f"config error in {where}: {e.args[0] if e.args else e}") from None
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {config_file}") from None
+    except (ValueError, AssertionError, TypeError) as e:
+        raise UserError(f"config error in {config_file}: {e}") from None
+    return cfg
+
+
+def setup(args):
+    """Build the frozen config for ``args`` and set up logging/output (Detectron2's default_setup)."""
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    from .trainer import Trainer
+
+    cfg = setup(args)
+    if args.eval_only:
+        if not cfg.MODEL.WEIGHTS and not args.resume:
+            raise UserError("--eval-only needs MODEL.WEIGHTS path/to/model.pth (or --resume)")
+        model = Trainer.build_model(cfg)
+        DefectCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def run(args):
+    """``main(args)``, with user errors reported as one ``ERROR: ...`` line and exit code 2.
+
+    A module-level function (not a decorator) so that ``launch`` can pickle it for worker processes.
+    """
+    try:
+        return main(args)
+    except (UserError,) + USER_ERRORS as e:
+        if isinstance(e, FileNotFoundError) and e.filename:
+            msg = f"file not found: {e.filename}"
+        else:
+            msg = str(e)
+        print(f"ERROR: {msg}", file=sys.stderr, flush=True)
+        if comm.get_world_size() > 1:
+            # other ranks may wait in a collective: exit at once so that the launcher stops them
+            os._exit(2)
+        sys.exit(2)

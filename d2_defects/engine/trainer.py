@@ -1,0 +1,84 @@
+"""The project's trainer: Detectron2's ``DefaultTrainer`` with CPU-DDP support, atomic checkpoints,
+an evaluator per test dataset and an evaluation report written next to the logs."""
+import json
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+import torch
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import DefectCheckpointer
+from ..utils.report import write_eval_report
+
+__all__ = ["Trainer", "ddp_kwargs"]
+
+
+def ddp_kwargs(cfg):
+    """
+    Arguments for ``create_ddp_model``. Detectron2 passes ``device_ids=[local_rank]``, which DDP rejects
+    for CPU modules; ``device_ids=None`` is what DDP expects there (gloo backend).
+    """
+    kwargs = {"broadcast_buffers": False}
+    if torch.device(cfg.MODEL.DEVICE).type == "cpu":
+        kwargs["device_ids"] = None
+    return kwargs
+
+
+class Trainer(DefaultTrainer):
+    """
+    ``DefaultTrainer`` for d2_defects. Differences:
+
+    - works with ``--num-gpus N`` on CPU-only machines (N gloo processes, see :func:`ddp_kwargs`);
+    - checkpoints through :class:`DefectCheckpointer` (atomic writes, ``weights_only`` loads);
+    - one COCO evaluator per ``DATASETS.TEST`` entry, each with its own output folder;
+    - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``.
+    """
+
+    def __init__(self, cfg):
+        # Restates DefaultTrainer.__init__ (detectron2 a59f056) so that the DDP wrapper can get
+        # CPU-compatible arguments; everything else is unchanged.
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, **ddp_kwargs(cfg))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DefectCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def train(self):
+        """Run training; return the last evaluation results (``OrderedDict``, possibly empty)."""
+        super().train()
+        return getattr(self, "_last_eval_results", OrderedDict())
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluators = [COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)]
+        return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and results:
+            write_eval_report(results, cfg.OUTPUT_DIR)
+        return results

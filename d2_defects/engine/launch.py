@@ -1,4 +1,5 @@
 """``setup()`` and ``main()`` shared by ``train_net.py`` and the tools."""
+import difflib
 import logging
 import os
 import sys
@@ -23,20 +24,38 @@ class UserError(ValueError):
     """A problem in the user's config, command line or files, reported without a traceback."""
 
 
+def _all_keys(cfg, prefix=""):
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            yield from _all_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def _config_error(cfg, where, err):
+    msg = str(err.args[0]) if err.args else str(err)
+    hint = ""
+    if "Non-existent" in msg:
+        key = msg.rsplit(":", 1)[-1].strip()
+        close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+    return UserError(f"config error in {where}: {msg}{hint}")
+
+
 def load_config(config_file, opts=()):
     """get_cfg -> add_defects_config -> merge file -> merge opts (not frozen)."""
     cfg = add_defects_config(get_cfg())
-    try:
-        if config_file:
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise UserError(f"config file not found: {config_file}")
+        try:
             cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            raise _config_error(cfg, config_file, e) from None
+    try:
         cfg.merge_from_list(list(opts))
-    except KeyError as e:
-        where = f"{config_file} or the command line" if config_file else "the command line"
-        raise UserError(f"config error in {where}: {e.args[0] if e.args else e}") from None
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {config_file}") from None
-    except (ValueError, AssertionError, TypeError) as e:
-        raise UserError(f"config error in {config_file}: {e}") from None
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise _config_error(cfg, "the command-line options", e) from None
     return cfg
 
 

@@ -6,9 +6,11 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
+from detectron2.layers import batched_nms
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
-__all__ = ["PostprocessParams", "detection_inference"]
+__all__ = ["PostprocessParams", "detection_inference", "select_detections"]
 
 
 @dataclass
@@ -42,3 +44,23 @@ def detection_inference(boxes, scores, image_shapes, params: PostprocessParams):
     return fast_rcnn_inference(
         boxes, scores, image_shapes, params.score_thresh, params.nms_thresh, params.topk_per_image
     )
+
+
+def select_detections(boxes, scores, classes, params: PostprocessParams):
+    """
+    Postprocess the candidate detections of ONE image (used by one-stage heads and test-time merges):
+    score threshold, NMS per class, top-k.
+
+    Args:
+        boxes (Tensor): (N, 4) XYXY absolute.
+        scores (Tensor): (N,) scores.
+        classes (Tensor): (N,) int64 class ids; boxes of different classes never suppress each other.
+        params (PostprocessParams)
+    Returns:
+        keep (Tensor): (M,) int64 indices into the inputs, sorted by final score (descending).
+        final_scores (Tensor): (M,) the scores of the kept detections.
+    """
+    cand = torch.nonzero(scores > params.score_thresh).squeeze(1)
+    keep = batched_nms(boxes[cand], scores[cand], classes[cand], params.nms_thresh)[: params.topk_per_image]
+    keep = cand[keep]
+    return keep, scores[keep]

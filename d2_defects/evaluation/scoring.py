@@ -33,7 +33,8 @@ class DefectEvalSettings:
 
     Attributes:
         iou (IouRule), ap_method (str), class_weights (list[float] or None: from metadata or uniform),
-        image_score_threshold (float), acc_weight (float), map_weight (float), max_dets (int).
+        image_score_threshold (float), acc_weight (float), map_weight (float), max_dets (int): detections
+        kept per image and class, highest scores first (100, like COCOEvaluator's AP).
     """
 
     def __init__(self, iou=None, ap_method="coco", class_weights=None, image_score_threshold=0.5,
@@ -84,7 +85,7 @@ def defect_eval_settings(cfg=None, **overrides):
         c = cfg.TEST.DEFECT_EVAL
         kw = dict(iou=c.IOU, ap_method=c.AP_METHOD, class_weights=list(c.CLASS_WEIGHTS),
                   image_score_threshold=c.IMAGE_SCORE_THRESHOLD, acc_weight=c.ACC_WEIGHT,
-                  map_weight=c.MAP_WEIGHT, max_dets=cfg.TEST.DETECTIONS_PER_IMAGE)
+                  map_weight=c.MAP_WEIGHT)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return DefectEvalSettings(**kw)
 

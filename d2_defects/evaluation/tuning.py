@@ -22,10 +22,9 @@ class ThresholdScorer:
         self.settings = result.settings
         K, n_img = len(result.class_names), len(result.image_ids)
         dt = result.dt
-        keep = result.match["keep"]
-        # best kept detection score per (image, class); 0 where none
+        # best detection score per (image, class); 0 where none (as in scoring.image_scores)
         self.best = np.zeros((n_img, K))
-        np.maximum.at(self.best, (dt["img"][keep], dt["cls"][keep]), dt["scores"][keep])
+        np.maximum.at(self.best, (dt["img"], dt["cls"]), dt["scores"])
         self.defect_score = dt["defect_score"]
         self.has_gt = result.gt["has_gt"]
 

@@ -79,26 +79,40 @@ def match_detections(gt, dt, num_classes, rule, max_dets=100):
         return {"keep": keep, "rank": rank, "gt_index": gt_index, "ignored": ignored}
 
     ukeys, gstart, gcount = np.unique(gk, return_index=True, return_counts=True)
+    thr_all = np.minimum(rule.per_gt(gt["boxes"]), 1 - 1e-10)  # (T, G), COCO's clamp
+    pos = np.minimum(np.searchsorted(ukeys, dk), len(ukeys) - 1)
+    m_idx = np.nonzero(ukeys[pos] == dk)[0]  # kept detections whose (image, class) has ground truth
+    grp = pos[m_idx]
+    # groups are padded to their bucket's largest box count; power-of-two buckets bound the padding
+    # (and memory) when a few images hold many boxes
+    bucket = np.ceil(np.log2(gcount)).astype(np.int64)
+    for b in np.unique(bucket[grp]):
+        sel = np.nonzero(bucket[grp] == b)[0]
+        groups, local = np.unique(grp[sel], return_inverse=True)
+        _match_padded(gt, dt, keep, rank, m_idx[sel], local.reshape(-1), g_order, gstart[groups],
+                      gcount[groups], thr_all, gt_index, ignored)
+    return {"keep": keep, "rank": rank, "gt_index": gt_index, "ignored": ignored}
+
+
+def _match_padded(gt, dt, keep, rank, m_idx, grp, g_order, gstart, gcount, thr_all, gt_index, ignored):
+    """
+    Match the kept detections ``keep[m_idx]`` (their group: ``grp``, index into ``gstart``/``gcount``)
+    with each group's ground truth padded to the largest group; fills ``gt_index``/``ignored`` in place.
+    """
+    T = thr_all.shape[0]
     gmax = int(gcount.max())
     slot = np.arange(gmax)
     valid = slot[None, :] < gcount[:, None]  # (U, Gmax)
-    pad_idx = np.where(valid, g_order[np.minimum(gstart[:, None] + slot[None, :], len(gk) - 1)], -1)
+    pad_idx = np.where(valid, g_order[np.minimum(gstart[:, None] + slot[None, :], len(g_order) - 1)], -1)
     crowd_pad = np.where(valid, gt["crowd"][np.maximum(pad_idx, 0)], False)
-    thr_pad = np.full((len(ukeys), T, gmax), np.inf)
-    flat = pad_idx[valid]
-    thr_all = np.minimum(rule.per_gt(gt["boxes"]), 1 - 1e-10)  # (T, G), COCO's clamp
-    thr_pad.transpose(0, 2, 1)[valid] = thr_all[:, flat].T
+    thr_pad = np.full((len(gstart), T, gmax), np.inf)
+    thr_pad.transpose(0, 2, 1)[valid] = thr_all[:, pad_idx[valid]].T
 
-    pos = np.searchsorted(ukeys, dk)
-    pos = np.minimum(pos, len(ukeys) - 1)
-    has_gt = ukeys[pos] == dk
-    m_idx = np.nonzero(has_gt)[0]  # kept detections whose (image, class) has ground truth
-    grp = pos[m_idx]
     gboxes = gt["boxes"][np.maximum(pad_idx[grp], 0)]  # (M, Gmax, 4)
     ious = box_iou_xywh(dt["boxes"][keep[m_idx]][:, None, :], gboxes, crowd_pad[grp])
     ious = np.where(valid[grp], ious, -1.0)
 
-    matched = np.zeros((len(ukeys), T, gmax), dtype=bool)
+    matched = np.zeros((len(gstart), T, gmax), dtype=bool)
     m_rank = rank[m_idx]
     for r in range(int(m_rank.max()) + 1 if len(m_rank) else 0):
         a = np.nonzero(m_rank == r)[0]  # at most one detection per group at each rank
@@ -119,7 +133,6 @@ def match_detections(gt, dt, num_classes, rule, max_dets=100):
         cols = m_idx[a[ai]]
         gt_index[ti, cols] = pad_idx[u[ai], jj]
         ignored[ti, cols] = crowd_pad[u[ai], jj]
-    return {"keep": keep, "rank": rank, "gt_index": gt_index, "ignored": ignored}
 
 
 def ap_from_flags(tp, fp, num_gt, method="coco"):

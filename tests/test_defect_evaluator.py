@@ -5,7 +5,6 @@ import io
 import json
 import logging
 import math
-import os
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ import copy
 import itertools
 import json
 import logging
-import math
 import os
 
 import numpy as np
@@ -131,7 +130,5 @@ class DefectEvaluator(DatasetEvaluator):
 
 def _json_default(v):
     if isinstance(v, (np.floating, np.integer)):
-        v = v.item()
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
+        return v.item()
+    raise TypeError(f"not JSON serializable: {type(v).__name__}")

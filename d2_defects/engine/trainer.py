@@ -14,6 +14,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DefectCheckpointer
+from ..evaluation import DefectEvaluator
 from ..utils.report import write_eval_report
 
 __all__ = ["Trainer", "ddp_kwargs"]
@@ -36,7 +37,8 @@ class Trainer(DefaultTrainer):
 
     - works with ``--num-gpus N`` on CPU-only machines (N gloo processes, see :func:`ddp_kwargs`);
     - checkpoints through :class:`DefectCheckpointer` (atomic writes, ``weights_only`` loads);
-    - one COCO evaluator per ``DATASETS.TEST`` entry, each with its own output folder;
+    - one COCO evaluator (and a DefectEvaluator if ``TEST.DEFECT_EVAL.ENABLED``) per ``DATASETS.TEST``
+      entry, each with its own output folder;
     - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``.
     """
 
@@ -74,6 +76,8 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluators = [COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)]
+        if cfg.TEST.DEFECT_EVAL.ENABLED:
+            evaluators.append(DefectEvaluator(dataset_name, cfg, output_dir=output_folder))
         return DatasetEvaluators(evaluators)
 
     @classmethod

@@ -1,0 +1,47 @@
+"""Shared pieces of ``tools/analyze_results.py`` and ``tools/tune_thresholds.py``."""
+import sys
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..data.coco import DatasetError
+from ..engine.launch import UserError, load_config
+from .scoring import defect_eval_settings, evaluate_detections, load_predictions
+
+__all__ = ["add_common_args", "evaluate_saved", "USER_ERRORS", "report_error"]
+
+USER_ERRORS = (UserError, DatasetError, ValueError, FileNotFoundError)
+
+
+def add_common_args(p):
+    p.add_argument("--predictions", required=True,
+                   help="defect_detections.json written by DefectEvaluator, or a COCO results json")
+    p.add_argument("--dataset", required=True, help="registered dataset name, e.g. synthetic_defects_val")
+    p.add_argument("--config-file", default="", help="config whose TEST.DEFECT_EVAL.* settings to use")
+    p.add_argument("--iou", default=None, help="IoU preset (coco, voc, fabric, bottle) or list '0.1,0.3,0.5'")
+    p.add_argument("--ap-method", default=None, choices=["coco", "voc"], help="AP integration")
+    p.add_argument("opts", nargs="*", default=[], help="config overrides: KEY VALUE pairs (TEST.DEFECT_EVAL.*)")
+    return p
+
+
+def evaluate_saved(args, progress=None):
+    """Load the config, the dataset and ``args.predictions``; return a DefectEvalResult."""
+    cfg = load_config(args.config_file, args.opts)
+    settings = defect_eval_settings(cfg, iou=args.iou, ap_method=args.ap_method)
+    if args.dataset not in DatasetCatalog.list():
+        raise UserError(f"dataset {args.dataset!r} is not registered (is DETECTRON2_DATASETS set to the "
+                        "folder that holds it?)")
+    meta = MetadataCatalog.get(args.dataset)
+    preds = load_predictions(args.predictions, args.dataset)
+    records = DatasetCatalog.get(args.dataset)
+    try:
+        return evaluate_detections(records, preds, meta.thing_classes, settings, dataset_name=args.dataset,
+                                   metadata_weights=getattr(meta, "thing_class_weights", None))
+    except ValueError as e:
+        raise UserError(f"{args.predictions}: {e}") from None
+
+
+def report_error(e):
+    """Print ``e`` as one ``ERROR:`` line (a DatasetError lists its bad records below it); return 2."""
+    msg = f"file not found: {e.filename}" if isinstance(e, FileNotFoundError) and e.filename else str(e)
+    print(f"ERROR: {msg}", file=sys.stderr)
+    return 2

@@ -1,0 +1,228 @@
+"""Batched soft-NMS (Bodla et al., "Soft-NMS -- Improving Object Detection With One Line of Code", 2017).
+
+``batched_soft_nms`` has two implementations behind one function, selected by the device of the inputs:
+
+- CPU: a loop JIT-compiled with numba (compiled eagerly for one signature and cached on disk, so the first
+  call does not compile);
+- CUDA (or ``backend="torch"`` anywhere): a vectorised torch version that finalises the boxes in rounds.
+  In each round every live box that beats all the live boxes it interacts with (same id, IoU above the
+  interaction threshold) is final: no other box can still decay it, and such boxes never interact with
+  each other, so they can all be finalised at once and the result equals the sequential algorithm's.
+  There is one host synchronisation per round, never one per box.
+
+Both paths compute in float64 (whatever the input dtype, so fp16/bf16 inputs are safe) with the same IoU
+formula and the same tie-breaking (higher score first, then lower input index), and return identical results.
+"""
+import functools
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["batched_soft_nms", "SOFT_NMS_METHODS"]
+
+SOFT_NMS_METHODS = {"linear": 0, "gaussian": 1, "hard": 2}
+_BACKENDS = (None, "numba", "torch")
+
+
+def _check_args(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, backend):
+    if method not in SOFT_NMS_METHODS:
+        raise ValueError(f"batched_soft_nms: unknown method {method!r}, expected one of {sorted(SOFT_NMS_METHODS)}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"batched_soft_nms: sigma must be a finite number > 0, got {sigma!r}")
+    if not (isinstance(iou_threshold, (int, float)) and 0.0 <= iou_threshold <= 1.0):
+        raise ValueError(f"batched_soft_nms: iou_threshold must be in [0, 1], got {iou_threshold!r}")
+    if not (isinstance(score_threshold, (int, float)) and math.isfinite(score_threshold)):
+        raise ValueError(f"batched_soft_nms: score_threshold must be a finite number, got {score_threshold!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"batched_soft_nms: unknown backend {backend!r}, expected one of {_BACKENDS}")
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"batched_soft_nms: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+    if scores.dim() != 1 or idxs.dim() != 1 or not (len(boxes) == len(scores) == len(idxs)):
+        raise ValueError(
+            "batched_soft_nms: mismatched lengths: boxes "
+            f"{tuple(boxes.shape)}, scores {tuple(scores.shape)}, idxs {tuple(idxs.shape)} (expected (N, 4), (N,), (N,))"
+        )
+    if not (boxes.device == scores.device == idxs.device):
+        raise ValueError(
+            f"batched_soft_nms: boxes, scores and idxs are on different devices "
+            f"({boxes.device}, {scores.device}, {idxs.device})"
+        )
+    if idxs.is_floating_point() or idxs.is_complex():
+        raise ValueError(f"batched_soft_nms: idxs must be an integer tensor, got {idxs.dtype}")
+    if not boxes.is_floating_point() or not scores.is_floating_point():
+        raise ValueError(f"batched_soft_nms: boxes and scores must be floating point, got {boxes.dtype}, {scores.dtype}")
+    # One synchronisation per call (not per box).
+    if len(boxes) and not bool(torch.isfinite(boxes).all()):
+        raise ValueError("batched_soft_nms: boxes contain non-finite values (nan or inf)")
+    if len(scores) and not bool(torch.isfinite(scores).all()):
+        raise ValueError("batched_soft_nms: scores contain non-finite values (nan or inf)")
+
+
+def batched_soft_nms(
+    boxes, scores, idxs, method="linear", sigma=0.5, iou_threshold=0.3, score_threshold=0.001, *, backend=None
+):
+    """
+    Soft-NMS applied independently to each group of boxes that share an id.
+
+    Args:
+        boxes (Tensor): (N, 4) boxes in XYXY absolute coordinates.
+        scores (Tensor): (N,) scores.
+        idxs (Tensor): (N,) integer ids (class, or class x image); boxes with different ids never interact.
+        method (str): "linear": score * (1 - IoU) where IoU > iou_threshold; "gaussian":
+            score * exp(-IoU^2 / sigma) for all pairs; "hard": classic NMS at iou_threshold (same result as
+            ``torchvision.ops.batched_nms`` on the boxes whose score is >= score_threshold).
+        sigma (float): > 0, the gaussian's parameter (only used by "gaussian").
+        iou_threshold (float): in [0, 1], IoU above which "linear" decays and "hard" suppresses.
+        score_threshold (float): boxes whose (decayed) score falls below it are dropped (and stop decaying
+            others).
+        backend (str or None): None picks "numba" for CPU inputs and "torch" otherwise; "torch" runs the
+            vectorised version on any device (it is the CUDA path).
+
+    Returns:
+        keep (Tensor): (M,) int64 indices into the inputs, sorted by decayed score (descending; equal
+            scores: lower index first).
+        new_scores (Tensor): (M,) the decayed scores of ``keep``, dtype of ``scores``.
+
+    IoU is computed as ``torchvision.ops.box_iou`` (no +1; 0 for two empty boxes).
+    Raises ValueError naming the bad argument (unknown method, sigma <= 0, mismatched lengths, non-finite
+    boxes or scores, ...).
+    """
+    _check_args(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, backend)
+    if backend is None:
+        backend = "numba" if boxes.device.type == "cpu" else "torch"
+    if backend == "numba" and boxes.device.type != "cpu":
+        raise ValueError(f"batched_soft_nms: backend='numba' needs CPU tensors, got {boxes.device}")
+    if len(boxes) == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device), scores.new_empty(0)
+    if backend == "numba":
+        keep, new_scores = _numba_kernel()(
+            boxes.detach().to(torch.float64).contiguous().numpy(),
+            scores.detach().to(torch.float64).contiguous().numpy(),
+            idxs.detach().to(torch.int64).contiguous().numpy(),
+            SOFT_NMS_METHODS[method], float(sigma), float(iou_threshold), float(score_threshold),
+        )
+        keep, new_scores = torch.from_numpy(keep), torch.from_numpy(new_scores)
+    else:
+        keep, new_scores = _soft_nms_torch(
+            boxes.detach().to(torch.float64), scores.detach().to(torch.float64), idxs.detach().to(torch.int64),
+            method, float(sigma), float(iou_threshold), float(score_threshold),
+        )
+    return keep, new_scores.to(scores.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU: numba. Compiled for one signature on first use (not at import: loading numba and the cached code takes
+# about a second) and cached on disk (cache=True), so only the very first call on a machine compiles.
+# ---------------------------------------------------------------------------------------------------------
+_NUMBA_SIGNATURE = (
+    "Tuple((int64[:], float64[:]))(float64[:, ::1], float64[::1], int64[::1], int64, float64, float64, float64)"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_kernel():
+    import numba
+
+    return numba.njit(_NUMBA_SIGNATURE, cache=True, nogil=True)(_soft_nms_loop)
+
+
+def _soft_nms_loop(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold):
+    n = boxes.shape[0]
+    s = scores.copy()
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept = np.zeros(n, dtype=np.bool_)
+    order = np.argsort(idxs, kind="mergesort")  # boxes grouped by id
+    live = np.empty(n, dtype=np.int64)  # live members of the current group (unordered)
+    start = 0
+    while start < n:
+        end = start + 1
+        while end < n and idxs[order[end]] == idxs[order[start]]:
+            end += 1
+        cnt = 0
+        for k in range(start, end):
+            if s[order[k]] >= score_threshold:
+                live[cnt] = order[k]
+                cnt += 1
+        while cnt > 0:
+            b = 0  # best live box: highest score, then lowest index
+            for t in range(1, cnt):
+                i, bi = live[t], live[b]
+                if s[i] > s[bi] or (s[i] == s[bi] and i < bi):
+                    b = t
+            i = live[b]
+            kept[i] = True
+            cnt -= 1
+            live[b] = live[cnt]
+            t = 0
+            while t < cnt:
+                j = live[t]
+                w = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
+                h = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
+                inter = max(w, 0.0) * max(h, 0.0)
+                union = area[i] + area[j] - inter
+                iou = inter / union if union > 0 else 0.0
+                drop = False
+                if method == 2:
+                    drop = iou > iou_threshold
+                elif method == 0:
+                    if iou > iou_threshold:
+                        s[j] *= 1.0 - iou
+                elif iou > 0:
+                    s[j] *= math.exp(-(iou * iou) / sigma)
+                if drop or s[j] < score_threshold:
+                    cnt -= 1
+                    live[t] = live[cnt]
+                else:
+                    t += 1
+        start = end
+    keep = np.nonzero(kept)[0]
+    final = s[keep]
+    o = np.argsort(-final, kind="mergesort")  # stable: equal scores stay in index order
+    return keep[o].astype(np.int64), final[o]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vectorised torch version (CUDA path): finalise in rounds, one host synchronisation per round.
+# ---------------------------------------------------------------------------------------------------------
+def _pairwise_iou(b):
+    """(m, 4) -> (m, m) IoU with the same arithmetic as the numba kernel (and torchvision's box_iou)."""
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    w = torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0])
+    h = torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1])
+    inter = w.clamp(min=0) * h.clamp(min=0)
+    union = area[:, None] + area[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(b.dtype).tiny), torch.zeros_like(inter))
+
+
+def _soft_nms_torch(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold):
+    n = len(boxes)
+    s = scores.clone()
+    kept = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    live = torch.nonzero(s >= score_threshold).squeeze(1)  # ascending input index
+    inter_thresh = 0.0 if method == "gaussian" else iou_threshold
+    while live.numel() > 0:  # one synchronisation per round
+        b, sl = boxes[live], s[live]
+        iou = _pairwise_iou(b)
+        # nb[i, j]: j can decay i (and i can decay j)
+        nb = (idxs[live][:, None] == idxs[live][None, :]) & (iou > inter_thresh)
+        nb.fill_diagonal_(False)
+        beats = (sl[None, :] > sl[:, None]) | ((sl[None, :] == sl[:, None]) & (live[None, :] < live[:, None]))
+        ready = ~(nb & beats).any(dim=1)  # i beats every live box it interacts with: final
+        kept[live[ready]] = True
+        hit = nb & ready[None, :]  # decays applied to i by the boxes finalised this round
+        if method == "hard":
+            alive = ~ready & ~hit.any(dim=1) & (sl >= score_threshold)
+        else:
+            if method == "linear":
+                w = torch.where(hit, 1.0 - iou, torch.ones_like(iou))
+            else:
+                w = torch.where(hit, torch.exp(-(iou * iou) / sigma), torch.ones_like(iou))
+            sl = torch.where(ready, sl, sl * w.prod(dim=1))
+            s[live] = sl
+            alive = ~ready & (sl >= score_threshold)
+        live = live[alive]
+    keep = torch.nonzero(kept).squeeze(1)
+    final = s[keep]
+    o = torch.sort(-final, stable=True).indices
+    return keep[o], final[o]

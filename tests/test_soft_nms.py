@@ -103,8 +103,8 @@ def test_hard_equals_torchvision_batched_nms(seed, iou_threshold):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("method", ["linear", "gaussian", "hard"])
 def test_torch_path_identical_to_numba_path(seed, method):
-    boxes, scores, idxs = random_detections(seed, n=400, num_ids=3)
-    for thr in (0.0, 0.001, 0.2):
+    boxes, scores, idxs = random_detections(seed, n=250, num_ids=3)
+    for thr in (0.0, 0.2):
         a = batched_soft_nms(boxes, scores, idxs, method, 0.5, 0.3, thr, backend="numba")
         b = batched_soft_nms(boxes, scores, idxs, method, 0.5, 0.3, thr, backend="torch")
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -208,43 +208,61 @@ def _soft_nms_loop(boxes, scores, idxs, method, sigma, iou_threshold, score_thre
 # Vectorised torch version (CUDA path): finalise in rounds, one host synchronisation per round.
 # ---------------------------------------------------------------------------------------------------------
 def _pairwise_iou(b):
-    """(m, 4) -> (m, m) IoU with the same arithmetic as the numba kernel (and torchvision's box_iou)."""
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    w = torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0])
-    h = torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1])
+    """(..., m, 4) -> (..., m, m) IoU with the same arithmetic as the numba kernel (and torchvision's box_iou)."""
+    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    lo, hi = b[..., :, None, :], b[..., None, :, :]
+    w = torch.minimum(lo[..., 2], hi[..., 2]) - torch.maximum(lo[..., 0], hi[..., 0])
+    h = torch.minimum(lo[..., 3], hi[..., 3]) - torch.maximum(lo[..., 1], hi[..., 1])
     inter = w.clamp(min=0) * h.clamp(min=0)
-    union = area[:, None] + area[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(b.dtype).tiny), torch.zeros_like(inter))
+    union = area[..., :, None] + area[..., None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(b.dtype).tiny), 0.0)
 
 
 def _soft_nms_torch(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold):
-    n = len(boxes)
-    s = scores.clone()
-    kept = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-    live = torch.nonzero(s >= score_threshold).squeeze(1)  # ascending input index
-    inter_thresh = 0.0 if method == "gaussian" else iou_threshold
-    while live.numel() > 0:  # one synchronisation per round
-        b, sl = boxes[live], s[live]
-        iou = _pairwise_iou(b)
-        # nb[i, j]: j can decay i (and i can decay j)
-        nb = (idxs[live][:, None] == idxs[live][None, :]) & (iou > inter_thresh)
-        nb.fill_diagonal_(False)
-        beats = (sl[None, :] > sl[:, None]) | ((sl[None, :] == sl[:, None]) & (live[None, :] < live[:, None]))
-        ready = ~(nb & beats).any(dim=1)  # i beats every live box it interacts with: final
-        kept[live[ready]] = True
-        hit = nb & ready[None, :]  # decays applied to i by the boxes finalised this round
+    # Groups (ids) are laid out as a padded (C, M) batch, so that all groups run in the same rounds and the
+    # pairwise matrices are (C, M, M) instead of (N, N).
+    dev = boxes.device
+    order = torch.sort(idxs, stable=True).indices  # grouped by id, input order within a group
+    _, counts = torch.unique_consecutive(idxs[order], return_counts=True)
+    num_groups, m = len(counts), int(counts.max())  # one synchronisation
+    group = torch.repeat_interleave(torch.arange(num_groups, device=dev), counts)
+    pos = torch.arange(len(order), device=dev) - (torch.cumsum(counts, 0) - counts)[group]
+    index = torch.full((num_groups, m), -1, dtype=torch.int64, device=dev)
+    index[group, pos] = order
+    valid = index >= 0
+    b = boxes.new_zeros(num_groups, m, 4)
+    b[group, pos] = boxes[order]
+    s = scores.new_full((num_groups, m), -math.inf)
+    s[group, pos] = scores[order]
+
+    iou = _pairwise_iou(b)
+    # nb[g, i, j]: j can decay i (and i can decay j)
+    nb = (iou > (0.0 if method == "gaussian" else iou_threshold)) & valid[:, None, :] & valid[:, :, None]
+    nb &= ~torch.eye(m, dtype=torch.bool, device=dev)
+    if method == "linear":
+        weight = torch.where(nb, 1.0 - iou, 1.0)
+    elif method == "gaussian":
+        weight = torch.where(nb, torch.exp(-(iou * iou) / sigma), 1.0)
+    del iou
+    earlier = torch.ones(m, m, dtype=torch.bool, device=dev).tril_(-1)  # [i, j]: j has the lower input index
+
+    live = valid & (s >= score_threshold)
+    kept = torch.zeros_like(live)
+    while bool(live.any()):  # one synchronisation per round
+        si, sj = s[:, :, None], s[:, None, :]
+        beaten = nb & live[:, None, :] & ((sj > si) | ((sj == si) & earlier))
+        # final: beats every live box it interacts with (so nothing can decay it any more)
+        ready = live & ~beaten.any(dim=2)
+        kept |= ready
+        hit = nb & ready[:, None, :]  # decays applied by the boxes finalised in this round
+        live &= ~ready
         if method == "hard":
-            alive = ~ready & ~hit.any(dim=1) & (sl >= score_threshold)
+            live &= ~hit.any(dim=2)
         else:
-            if method == "linear":
-                w = torch.where(hit, 1.0 - iou, torch.ones_like(iou))
-            else:
-                w = torch.where(hit, torch.exp(-(iou * iou) / sigma), torch.ones_like(iou))
-            sl = torch.where(ready, sl, sl * w.prod(dim=1))
-            s[live] = sl
-            alive = ~ready & (sl >= score_threshold)
-        live = live[alive]
-    keep = torch.nonzero(kept).squeeze(1)
-    final = s[keep]
-    o = torch.sort(-final, stable=True).indices
+            s = torch.where(live, s * torch.where(hit, weight, 1.0).prod(dim=2), s)
+            live &= s >= score_threshold
+    keep, final = index[kept], s[kept]
+    o = torch.sort(keep).indices
+    keep, final = keep[o], final[o]
+    o = torch.sort(-final, stable=True).indices  # equal scores stay in index order
     return keep[o], final[o]

@@ -2,13 +2,14 @@
 
 ``batched_soft_nms`` has two implementations behind one function, selected by the device of the inputs:
 
-- CPU: a loop JIT-compiled with numba (compiled eagerly for one signature and cached on disk, so the first
-  call does not compile);
+- CPU: a loop JIT-compiled with numba (compiled for one signature on the first call and cached on disk, so
+  later processes load it instead of compiling; no compilation ever happens per input shape or dtype);
 - CUDA (or ``backend="torch"`` anywhere): a vectorised torch version that finalises the boxes in rounds.
   In each round every live box that beats all the live boxes it interacts with (same id, IoU above the
   interaction threshold) is final: no other box can still decay it, and such boxes never interact with
   each other, so they can all be finalised at once and the result equals the sequential algorithm's.
-  There is one host synchronisation per round, never one per box.
+  All ids run together as a padded (groups, M) batch. There is one host synchronisation per round, never
+  one per box.
 
 Both paths compute in float64 (whatever the input dtype, so fp16/bf16 inputs are safe) with the same IoU
 formula and the same tie-breaking (higher score first, then lower input index), and return identical results.

@@ -201,6 +201,18 @@ def test_detection_inference_drops_non_finite_proposals_and_indexes_the_inputs()
         assert bool((scores[kept, inst.pred_classes] >= inst.scores).all())
 
 
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("reg_classes", [1, NUM_CLASSES])
+def test_detection_inference_without_proposals(soft, reg_classes):
+    params = PostprocessParams(soft_nms=soft)
+    boxes, scores = torch.zeros(0, 4 * reg_classes), torch.zeros(0, NUM_CLASSES + 1)
+    (inst,), (kept,) = detection_inference([boxes], [scores], [(32, 32)], params)
+    (ref,), (ref_kept,) = fast_rcnn_inference([boxes], [scores], [(32, 32)], 0.05, 0.5, 100)
+    assert len(inst) == 0 and kept.numel() == 0
+    assert inst.get_fields().keys() == ref.get_fields().keys()
+    assert inst.pred_classes.dtype == ref.pred_classes.dtype and inst.scores.dtype == ref.scores.dtype
+
+
 def test_select_detections_one_image():
     g = torch.Generator().manual_seed(1)
     xy = torch.rand(300, 2, generator=g) * 100

@@ -99,9 +99,10 @@ def _detection_inference_single_image(boxes, scores, image_shape, params):
         boxes, scores, proposal_ids = boxes[valid], scores[valid], proposal_ids[valid]
     scores = scores[:, :-1]
     num_props, num_classes = scores.shape
+    num_bbox_reg_classes = boxes.shape[1] // 4  # K, or 1 for class-agnostic regression
     boxes = Boxes(boxes.reshape(-1, 4))
     boxes.clip(image_shape)
-    boxes = boxes.tensor.view(num_props, -1, 4).expand(num_props, num_classes, 4)  # agnostic: (R, 1, 4)
+    boxes = boxes.tensor.view(num_props, num_bbox_reg_classes, 4).expand(num_props, num_classes, 4)
     classes = torch.arange(num_classes, device=scores.device).expand(num_props, num_classes)
 
     keep, final_scores = select_detections(

@@ -43,7 +43,8 @@ def _check_args(boxes, scores, idxs, method, sigma, iou_threshold, score_thresho
     if scores.dim() != 1 or idxs.dim() != 1 or not (len(boxes) == len(scores) == len(idxs)):
         raise ValueError(
             "batched_soft_nms: mismatched lengths: boxes "
-            f"{tuple(boxes.shape)}, scores {tuple(scores.shape)}, idxs {tuple(idxs.shape)} (expected (N, 4), (N,), (N,))"
+            f"{tuple(boxes.shape)}, scores {tuple(scores.shape)}, idxs {tuple(idxs.shape)} "
+            "(expected (N, 4), (N,), (N,))"
         )
     if not (boxes.device == scores.device == idxs.device):
         raise ValueError(
@@ -53,7 +54,9 @@ def _check_args(boxes, scores, idxs, method, sigma, iou_threshold, score_thresho
     if idxs.is_floating_point() or idxs.is_complex():
         raise ValueError(f"batched_soft_nms: idxs must be an integer tensor, got {idxs.dtype}")
     if not boxes.is_floating_point() or not scores.is_floating_point():
-        raise ValueError(f"batched_soft_nms: boxes and scores must be floating point, got {boxes.dtype}, {scores.dtype}")
+        raise ValueError(
+            f"batched_soft_nms: boxes and scores must be floating point, got {boxes.dtype}, {scores.dtype}"
+        )
     # One synchronisation per call (not per box).
     if len(boxes) and not bool(torch.isfinite(boxes).all()):
         raise ValueError("batched_soft_nms: boxes contain non-finite values (nan or inf)")
@@ -168,7 +171,9 @@ def _soft_nms_loop(boxes, scores, idxs, method, sigma, iou_threshold, score_thre
             nk += 1
             xi1, yi1, xi2, yi2, ai = X1[b], Y1[b], X2[b], Y2[b], A[b]
             cnt -= 1
-            X1[b], Y1[b], X2[b], Y2[b], A[b], S[b], ids[b] = X1[cnt], Y1[cnt], X2[cnt], Y2[cnt], A[cnt], S[cnt], ids[cnt]
+            X1[b], Y1[b], X2[b], Y2[b], A[b], S[b], ids[b] = (
+                X1[cnt], Y1[cnt], X2[cnt], Y2[cnt], A[cnt], S[cnt], ids[cnt]
+            )
             # decay every live box of the group (one loop per method: tight, branch-light loops)
             if method == 0:
                 for t in range(cnt):

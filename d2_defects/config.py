@@ -40,3 +40,22 @@ def _add_defect_eval_config(cfg):
     cfg.TEST.DEFECT_EVAL.ACC_WEIGHT = 0.0
     # Weight of weighted_mAP in score (>= 0).
     cfg.TEST.DEFECT_EVAL.MAP_WEIGHT = 1.0
+    _add_soft_nms_config(cfg)
+    return cfg
+
+
+def _add_soft_nms_config(cfg):
+    """Soft-NMS postprocessing and per-class score thresholds (see ``d2_defects.modeling.postprocess``)."""
+    cfg.MODEL.SOFT_NMS = CN()
+    # Replace hard NMS by soft-NMS in every head's postprocessing (ROI heads, cascade, FCOS, TTA merge).
+    cfg.MODEL.SOFT_NMS.ENABLED = False
+    # "linear" (score * (1 - IoU) above IOU_THRESHOLD), "gaussian" (score * exp(-IoU^2 / SIGMA)) or "hard".
+    cfg.MODEL.SOFT_NMS.METHOD = "linear"
+    # Gaussian soft-NMS parameter (> 0, unitless; used by METHOD "gaussian" only).
+    cfg.MODEL.SOFT_NMS.SIGMA = 0.5
+    # IoU (in [0, 1]) above which "linear" decays and "hard" suppresses.
+    cfg.MODEL.SOFT_NMS.IOU_THRESHOLD = 0.5
+    # Boxes whose decayed score falls below this (score units, >= 0) are dropped.
+    cfg.MODEL.SOFT_NMS.SCORE_THRESHOLD = 0.001
+    # Per-class score thresholds applied before (soft-)NMS: K floats, or empty = SCORE_THRESH_TEST for all.
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS = []

@@ -1,14 +1,19 @@
 """Box postprocessing shared by the project's heads (ROI heads, cascade, FCOS, TTA merge).
 
 ``detection_inference`` is a drop-in for Detectron2's ``fast_rcnn_inference`` that takes its options from
-:class:`PostprocessParams` (built from the config), so that every head postprocesses the same way.
+:class:`PostprocessParams` (built from the config), so that every head postprocesses the same way:
+per-class score thresholds (``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS``), then hard NMS or soft-NMS
+(``MODEL.SOFT_NMS.*``) per class, then the top ``TEST.DETECTIONS_PER_IMAGE``.
 """
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from detectron2.layers import batched_nms
-from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.structures import Boxes, Instances
+
+from ..layers.soft_nms import SOFT_NMS_METHODS, batched_soft_nms
 
 __all__ = ["PostprocessParams", "detection_inference", "select_detections"]
 
@@ -17,15 +22,52 @@ __all__ = ["PostprocessParams", "detection_inference", "select_detections"]
 class PostprocessParams:
     score_thresh: float = 0.05  # scores below are dropped before NMS
     nms_thresh: float = 0.5  # IoU threshold of hard NMS
-    topk_per_image: int = 100  # detections kept per image (TEST.DETECTIONS_PER_IMAGE)
+    topk_per_image: int = 100  # detections kept per image (TEST.DETECTIONS_PER_IMAGE); < 0: all
     score_thresh_per_class: Optional[List[float]] = field(default=None)  # overrides score_thresh per class
+    soft_nms: bool = False  # use batched_soft_nms instead of hard NMS
+    soft_nms_method: str = "linear"  # "linear", "gaussian" or "hard"
+    soft_nms_sigma: float = 0.5  # gaussian parameter
+    soft_nms_iou_thresh: float = 0.5  # IoU above which "linear" decays / "hard" suppresses
+    soft_nms_score_thresh: float = 0.001  # decayed scores below are dropped
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, num_classes: Optional[int] = None):
+        """
+        Args:
+            cfg (CfgNode): with the keys of ``add_defects_config``.
+            num_classes (int): K, the length ``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS`` must have
+                (default ``MODEL.ROI_HEADS.NUM_CLASSES``; one-stage heads pass their own).
+        Raises:
+            ValueError: naming the config key, for a wrong per-class list length or bad soft-NMS settings.
+        """
+        k = cfg.MODEL.ROI_HEADS.NUM_CLASSES if num_classes is None else num_classes
+        per_class = [float(x) for x in cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS]
+        if per_class and len(per_class) != k:
+            raise ValueError(
+                f"MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS has {len(per_class)} values but the model has "
+                f"K={k} classes (give K floats, or [] to use MODEL.ROI_HEADS.SCORE_THRESH_TEST for all)"
+            )
+        if not all(math.isfinite(x) for x in per_class):
+            raise ValueError(f"MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS must be finite numbers, got {per_class}")
+        sn = cfg.MODEL.SOFT_NMS
+        if sn.METHOD not in SOFT_NMS_METHODS:
+            raise ValueError(f"MODEL.SOFT_NMS.METHOD must be one of {sorted(SOFT_NMS_METHODS)}, got {sn.METHOD!r}")
+        if not (math.isfinite(sn.SIGMA) and sn.SIGMA > 0):
+            raise ValueError(f"MODEL.SOFT_NMS.SIGMA must be > 0, got {sn.SIGMA}")
+        if not 0.0 <= sn.IOU_THRESHOLD <= 1.0:
+            raise ValueError(f"MODEL.SOFT_NMS.IOU_THRESHOLD must be in [0, 1], got {sn.IOU_THRESHOLD}")
+        if not (math.isfinite(sn.SCORE_THRESHOLD) and sn.SCORE_THRESHOLD >= 0):
+            raise ValueError(f"MODEL.SOFT_NMS.SCORE_THRESHOLD must be >= 0, got {sn.SCORE_THRESHOLD}")
         return cls(
             score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
             nms_thresh=cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
             topk_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            score_thresh_per_class=per_class or None,
+            soft_nms=bool(sn.ENABLED),
+            soft_nms_method=sn.METHOD,
+            soft_nms_sigma=float(sn.SIGMA),
+            soft_nms_iou_thresh=float(sn.IOU_THRESHOLD),
+            soft_nms_score_thresh=float(sn.SCORE_THRESHOLD),
         )
 
 
@@ -41,15 +83,42 @@ def detection_inference(boxes, scores, image_shapes, params: PostprocessParams):
     Returns:
         list[Instances], list[Tensor]: detections and the indices of the kept proposals, per image.
     """
-    return fast_rcnn_inference(
-        boxes, scores, image_shapes, params.score_thresh, params.nms_thresh, params.topk_per_image
+    results = [_detection_inference_single_image(b, s, hw, params) for b, s, hw in zip(boxes, scores, image_shapes)]
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def _detection_inference_single_image(boxes, scores, image_shape, params):
+    # Preserves detectron2 a59f056 `fast_rcnn_inference_single_image`: proposals with a non-finite box or
+    # score are dropped; the background column is dropped; boxes are clipped to the image; (R, K*4)
+    # class-specific or (R, 4) class-agnostic layout; candidates in (proposal, class) row-major order, so hard
+    # NMS gets the same inputs and returns the same detections. One deliberate difference: the returned
+    # proposal indices point into the inputs also when proposals were dropped (upstream: into the rest).
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+    proposal_ids = torch.arange(len(boxes), device=boxes.device)
+    if not valid.all():
+        boxes, scores, proposal_ids = boxes[valid], scores[valid], proposal_ids[valid]
+    scores = scores[:, :-1]
+    num_props, num_classes = scores.shape
+    num_bbox_reg_classes = boxes.shape[1] // 4  # K, or 1 for class-agnostic regression
+    boxes = Boxes(boxes.reshape(-1, 4))
+    boxes.clip(image_shape)
+    boxes = boxes.tensor.view(num_props, num_bbox_reg_classes, 4).expand(num_props, num_classes, 4)
+    classes = torch.arange(num_classes, device=scores.device).expand(num_props, num_classes)
+
+    keep, final_scores = select_detections(
+        boxes.reshape(-1, 4), scores.reshape(-1), classes.reshape(-1), params
     )
+    result = Instances(image_shape)
+    result.pred_boxes = Boxes(boxes.reshape(-1, 4)[keep])
+    result.scores = final_scores
+    result.pred_classes = keep % num_classes
+    return result, proposal_ids[torch.div(keep, num_classes, rounding_mode="floor")]
 
 
 def select_detections(boxes, scores, classes, params: PostprocessParams):
     """
     Postprocess the candidate detections of ONE image (used by one-stage heads and test-time merges):
-    score threshold, NMS per class, top-k.
+    score threshold (per class if given), NMS or soft-NMS per class, top-k.
 
     Args:
         boxes (Tensor): (N, 4) XYXY absolute.
@@ -58,9 +127,22 @@ def select_detections(boxes, scores, classes, params: PostprocessParams):
         params (PostprocessParams)
     Returns:
         keep (Tensor): (M,) int64 indices into the inputs, sorted by final score (descending).
-        final_scores (Tensor): (M,) the scores of the kept detections.
+        final_scores (Tensor): (M,) the scores of the kept detections (decayed by soft-NMS if enabled).
     """
-    cand = torch.nonzero(scores > params.score_thresh).squeeze(1)
-    keep = batched_nms(boxes[cand], scores[cand], classes[cand], params.nms_thresh)[: params.topk_per_image]
-    keep = cand[keep]
-    return keep, scores[keep]
+    if params.score_thresh_per_class:
+        thresh = torch.as_tensor(params.score_thresh_per_class, dtype=scores.dtype, device=scores.device)
+        cand = torch.nonzero(scores > thresh[classes]).squeeze(1)
+    else:
+        cand = torch.nonzero(scores > params.score_thresh).squeeze(1)
+    boxes, scores, classes = boxes[cand], scores[cand], classes[cand]
+    if params.soft_nms:
+        keep, final_scores = batched_soft_nms(
+            boxes, scores, classes, method=params.soft_nms_method, sigma=params.soft_nms_sigma,
+            iou_threshold=params.soft_nms_iou_thresh, score_threshold=params.soft_nms_score_thresh,
+        )
+    else:
+        keep = batched_nms(boxes, scores, classes, params.nms_thresh)
+        final_scores = scores[keep]
+    if params.topk_per_image >= 0:
+        keep, final_scores = keep[: params.topk_per_image], final_scores[: params.topk_per_image]
+    return cand[keep], final_scores

@@ -10,7 +10,12 @@ __all__ = ["DefectFastRCNNOutputLayers"]
 class DefectFastRCNNOutputLayers(FastRCNNOutputLayers):
     """
     ``FastRCNNOutputLayers`` whose ``inference`` calls :func:`detection_inference`, so that the config's
-    postprocessing options apply to every ROI head built with it. Training is unchanged.
+    postprocessing options (``MODEL.SOFT_NMS.*``, ``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS``) apply to every
+    ROI head built with it. Training is unchanged; with soft-NMS off and no per-class thresholds, inference
+    gives the same detections as the parent class.
+
+    Args (in addition to ``FastRCNNOutputLayers``'s):
+        postprocess (PostprocessParams): default: hard NMS with the parent's test_* thresholds.
     """
 
     @configurable
@@ -24,7 +29,8 @@ class DefectFastRCNNOutputLayers(FastRCNNOutputLayers):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["postprocess"] = PostprocessParams.from_config(cfg)
+        # Raises a ValueError naming the key for bad MODEL.SOFT_NMS.* / SCORE_THRESH_PER_CLASS values.
+        ret["postprocess"] = PostprocessParams.from_config(cfg, num_classes=ret["num_classes"])
         return ret
 
     def inference(self, predictions, proposals):

@@ -38,12 +38,6 @@ def batches(synthetic_root):
     return [dicts[i:i + 2] for i in range(0, len(dicts), 2)]
 
 
-@pytest.fixture(scope="module")
-def val_dicts(synthetic_root):
-    mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(96, 160)], image_format="BGR")
-    return [mapper(copy.deepcopy(d)) for d in DatasetCatalog.get("tiny_defects_val")]
-
-
 def train_steps(model, batches, steps, lr=0.005):
     """Plain SGD steps; returns the list of loss dicts (floats). Fails on a non-finite loss."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -274,26 +268,80 @@ def _pearson(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def test_iou_branch_learns(batches, val_dicts):
-    """After a short training, the predicted IoU of the final detections correlates with their true IoU."""
-    torch.manual_seed(0)
-    cfg = tiny_cfg(os.path.join(SYN, "faster_iou_r18_cpu.yaml"), ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
-    model = build_model(cfg)
-    train_steps(model, batches, steps=40, lr=0.01)
-    model.eval()
-    pred, true = [], []
+def _scenes(n, seed, size=128):
+    """Feature maps (16 channels draw the objects: a mask and the distances to the sides; the rest is noise), gt Instances and jittered proposals."""
+    g = torch.Generator().manual_seed(seed)
+    strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
+    feats = {k: torch.randn(n, 64, size // s, size // s, generator=g) * 0.1 for k, s in strides.items()}
+    targets, proposals = [], []
+    for i in range(n):
+        xy = torch.rand(3, 2, generator=g) * size * 0.6
+        gt = torch.cat([xy, xy + torch.rand(3, 2, generator=g) * size * 0.3 + 12], 1).clamp(max=size - 1)
+        for k, s in strides.items():
+            for b in gt:
+                x0, y0, x1, y1 = (b / s).round().long().tolist()
+                ys, xs = torch.meshgrid(torch.arange(y0, y1 + 1.0), torch.arange(x0, x1 + 1.0), indexing="ij")
+                w, h = x1 - x0 + 1.0, y1 - y0 + 1.0
+                f = feats[k][i, :, y0:y1 + 1, x0:x1 + 1]  # (only the part inside the feature map)
+                ys, xs = ys[: f.shape[1], : f.shape[2]], xs[: f.shape[1], : f.shape[2]]
+                # distances to the object's sides (as in FCOS targets) and a mask
+                f[0], f[1], f[2], f[3] = (xs - x0) / w, (x1 - xs) / w, (ys - y0) / h, (y1 - ys) / h
+                f[4:16] = 1.0
+        wh = (gt[:, 2:] - gt[:, :2]).repeat_interleave(30, 0)
+        jit = gt.repeat_interleave(30, 0) + torch.randn(90, 4, generator=g) * wh.repeat(1, 2) * 0.25
+        jit[:, 2:] = torch.maximum(jit[:, 2:], jit[:, :2] + 2)
+        boxes = Boxes(jit)
+        boxes.clip((size, size))
+        targets.append(Instances((size, size), gt_boxes=Boxes(gt), gt_classes=torch.randint(0, 6, (3,), generator=g)))
+        proposals.append(Instances((size, size), proposal_boxes=boxes, objectness_logits=torch.zeros(90)))
+    return feats, proposals, targets
+
+
+def _fg_pred_and_true_ious(heads, feats, proposals, targets):
+    """Predicted IoU and true IoU (best IoU of the regressed box with a gt box) of the proposals whose
+    regressed box overlaps a gt box by >= 0.5 (the population the branch is trained on)."""
+    predictor = heads.box_predictor
     with torch.no_grad():
-        for d in val_dicts:
-            if len(d["instances"]) == 0:
-                continue
-            inst = model([{"image": d["image"]}])[0]["instances"]
-            iou = torchvision.ops.box_iou(inst.pred_boxes.tensor, d["instances"].gt_boxes.tensor).max(1).values
-            pred.append(inst.pred_ious)
-            true.append(iou)
-    pred, true = torch.cat(pred), torch.cat(true)
-    assert len(pred) >= 20
+        x = heads.box_pooler([feats[f] for f in heads.box_in_features], [p.proposal_boxes for p in proposals])
+        preds = predictor(heads.box_head(x))
+        pred = torch.cat(predictor.predict_ious(preds, proposals))
+        true = torch.cat([torchvision.ops.box_iou(b, t.gt_boxes.tensor).max(1).values
+                          for b, t in zip(predictor.predict_boxes(preds, proposals), targets)])
+    fg = true >= 0.5
+    return pred[fg], true[fg]
+
+
+def test_iou_branch_learns():
+    """The branch learns the IoU of the regressed boxes: after a short training, on held-out scenes, the
+    predicted IoU correlates with the true IoU, which it does not before training. (The correlation on the
+    synthetic val set after a longer training is in BENCHMARKS.md.)"""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.roi_heads import build_roi_heads
+
+    torch.manual_seed(0)
+    # Class-agnostic boxes (the classes of these scenes cannot be learned) and no regression loss, so that
+    # the regressed boxes keep the spread of IoUs of the jittered proposals instead of collapsing onto the gt.
+    cfg = tiny_cfg(os.path.join(SYN, "faster_iou_r18_cpu.yaml"), [
+        "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "0.0",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.5",
+        "MODEL.ROI_BOX_HEAD.IOU_BRANCH.LOSS_WEIGHT", "5.0"])
+    shapes = {f"p{i}": ShapeSpec(channels=64, stride=2 ** i) for i in range(2, 6)}
+    heads = build_roi_heads(cfg, shapes)
+    held_out = _scenes(4, seed=10_000)
+    r0 = _pearson(*_fg_pred_and_true_ious(heads, *held_out))
+    opt = torch.optim.Adam(heads.parameters(), lr=1e-3)
+    heads.train()
+    with EventStorage():
+        for step in range(100):
+            _, losses = heads(None, *_scenes(2, seed=step))
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+    heads.eval()
+    pred, true = _fg_pred_and_true_ious(heads, *held_out)
+    assert len(pred) >= 100
     r = _pearson(pred, true)
-    assert r > 0.3, r
+    assert r > 0.25 and r > r0 + 0.2, (r, r0)
 
 
 # -------------------------------------------------------------------------------------------------- OHEM

@@ -1,0 +1,1 @@
+from . import roi_heads  # noqa: F401  registers DefectStandardROIHeads, DefectCascadeROIHeads

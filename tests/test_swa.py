@@ -152,9 +152,12 @@ class _Seeder(HookBase):
     resumed run can reproduce the uninterrupted one exactly."""
 
     def before_train(self):
-        # Creating the data loader iterator draws from torch's RNG: create it now, not inside the first
-        # (seeded) iteration, which is a different iteration in a resumed run.
-        self.trainer._trainer._data_loader_iter
+        # The train loader's iterator is created inside the first iteration and draws from torch's RNG
+        # (a different iteration in a resumed run): reseed torch again right before the forward.
+        def reseed(module, inputs):
+            torch.manual_seed(self.trainer.iter)
+
+        self.trainer.model.register_forward_pre_hook(reseed)
 
     def before_step(self):
         torch.manual_seed(self.trainer.iter)

@@ -246,7 +246,6 @@ class SWAHook(HookBase):
         self._bn_update_iters = bn_update_iters
         self._eval_function = eval_function
         self.state = SWAState()
-        self.swa_weights = None  # final averaged weights (after the BN recompute)
         self.swa_results = None
 
     def _cycles_done(self, num_iters_done):
@@ -284,7 +283,6 @@ class SWAHook(HookBase):
             if comm.get_world_size() > 1:
                 for v in module.state_dict().values():
                     torch.distributed.broadcast(v, src=0)
-            self.swa_weights = OrderedDict((k, v.detach().clone()) for k, v in module.state_dict().items())
             if comm.is_main_process() and self._output_dir:
                 ckpt = _UntaggedCheckpointer(module, save_dir=self._output_dir)
                 ckpt.save("model_swa", iteration=self.trainer.max_iter - 1, num_averaged=self.state.num_averaged)

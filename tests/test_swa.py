@@ -272,7 +272,8 @@ def test_kill_and_resume_gives_the_same_model_swa(uninterrupted, tmp_path):
 
 
 def test_two_cpu_processes_with_swa(synthetic_root, tmp_path):
-    proc = run_train_net(["--config-file", SMALL_CONFIG, "--num-gpus", "2", *TINY_OPTS, "SOLVER.MAX_ITER", "2",
+    # --dist-url auto: a free port (the default port is shared by every run of the same user)
+    proc = run_train_net(["--config-file", SMALL_CONFIG, "--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, "SOLVER.MAX_ITER", "2",
                           "SOLVER.SWA.ENABLED", "True", "SOLVER.SWA.NUM_CYCLES", "2", "SOLVER.SWA.CYCLE_ITERS", "1",
                           "SOLVER.SWA.BN_UPDATE_ITERS", "1", "DATASETS.TRAIN", "('synthetic_defects_train',)",
                           "DATASETS.TEST", "('synthetic_defects_val',)", "OUTPUT_DIR", str(tmp_path)], synthetic_root)

@@ -60,7 +60,7 @@ def main():
         # The cycle ratio above is dominated by the noise of the training step on a loaded machine; the
         # hook's own work can be timed directly: the check it does on every iteration and one snapshot.
         step, _ = measure(trainer._trainer.run_step, repeats=args.repeats, warmup=args.warmup, device=args.device)
-    trainer.iter = k + 1  # not a cycle end: the per-iteration check only
+    trainer.iter = done["iters"] - 1  # already checked: the per-iteration check only, no snapshot
     check, _ = measure(hook.before_step, repeats=1000, warmup=10, device=args.device)
     sd = unwrap_model(trainer.model).state_dict()
     state = SWAState()

@@ -77,3 +77,24 @@ def _add_roi_heads_config(cfg):
     cfg.MODEL.ROI_BOX_HEAD.IOU_BRANCH.STAGES = []
     # proposal sampler of the box head: "random" (Detectron2) or "ohem" (per-image top-loss proposals)
     cfg.MODEL.ROI_HEADS.SAMPLER = "random"
+    _add_swa_config(cfg)
+    return cfg
+
+
+def _add_swa_config(cfg):
+    """Stochastic weight averaging (d2_defects/engine/swa.py)."""
+    cfg.SOLVER.SWA = CN()
+    # Train NUM_CYCLES * CYCLE_ITERS more iterations after SOLVER.MAX_ITER and average the cycle ends.
+    cfg.SOLVER.SWA.ENABLED = False
+    # Number of cycles = number of snapshots in the average.
+    cfg.SOLVER.SWA.NUM_CYCLES = 12
+    # Length of one cycle (iterations; e.g. one epoch).
+    cfg.SOLVER.SWA.CYCLE_ITERS = 1000
+    # LR at the first iteration of each cycle (multiple of SOLVER.BASE_LR).
+    cfg.SOLVER.SWA.LR_START_FACTOR = 1.0
+    # LR at the last iteration of each cycle, whose weights join the average (multiple of SOLVER.BASE_LR).
+    cfg.SOLVER.SWA.LR_END_FACTOR = 0.01
+    # Shape of the LR fall within a cycle: "linear" or "cosine" (half cosine wave).
+    cfg.SOLVER.SWA.LR_SHAPE = "linear"
+    # Training batches used to recompute BatchNorm statistics of the averaged model (0: skip; FrozenBN: no-op).
+    cfg.SOLVER.SWA.BN_UPDATE_ITERS = 200

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine.hooks import PeriodicWriter
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -16,6 +17,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import DefectCheckpointer
 from ..evaluation import DefectEvaluator
 from ..utils.report import write_eval_report
+from .swa import SWALRMultiplier, build_swa_hook, swa_max_iter
 
 __all__ = ["Trainer", "ddp_kwargs"]
 
@@ -40,6 +42,9 @@ class Trainer(DefaultTrainer):
     - one COCO evaluator (and a DefectEvaluator if ``TEST.DEFECT_EVAL.ENABLED``) per ``DATASETS.TEST``
       entry, each with its own output folder;
     - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``.
+    - one COCO evaluator per ``DATASETS.TEST`` entry, each with its own output folder;
+    - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``;
+    - ``SOLVER.SWA.ENABLED``: stochastic weight averaging after the regular schedule (``engine/swa.py``).
     """
 
     def __init__(self, cfg):
@@ -62,7 +67,7 @@ class Trainer(DefaultTrainer):
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DefectCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.max_iter = swa_max_iter(cfg)  # MAX_ITER, + the SWA cycles when SOLVER.SWA.ENABLED
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
@@ -70,6 +75,22 @@ class Trainer(DefaultTrainer):
         """Run training; return the last evaluation results (``OrderedDict``, possibly empty)."""
         super().train()
         return getattr(self, "_last_eval_results", OrderedDict())
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        scheduler = super().build_lr_scheduler(cfg, optimizer)
+        if cfg.SOLVER.SWA.ENABLED:  # regular schedule to MAX_ITER, then the SWA cycles
+            scheduler = SWALRMultiplier.from_config(cfg, scheduler)
+        return scheduler
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.SOLVER.SWA.ENABLED:
+            # after the live evaluation (so that its results are reported next to the SWA ones),
+            # before the writers (so that the SWA metrics reach metrics.json)
+            writers = [i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)]
+            hooks.insert(writers[0] if writers else len(hooks), build_swa_hook(self))
+        return hooks
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""
+Average the model weights of several Detectron2 checkpoints (equal weights), as the SWA hook does
+during training (``SOLVER.SWA.ENABLED``), e.g. for cycles that were run without the hook:
+
+    python tools/average_checkpoints.py out/model_0000999.pth out/model_0001999.pth ... -o out/model_swa.pth
+
+The output holds only ``{"model": ..., "num_averaged": N, "averaged_from": [...]}`` and loads with
+``train_net.py --eval-only MODEL.WEIGHTS out.pth``. Floating-point tensors are averaged; integer
+buffers (BN's ``num_batches_tracked``) are taken from the last checkpoint. BatchNorm statistics are
+averaged, not recomputed: for models with trainable BN prefer the hook, which recomputes them.
+Checkpoints whose parameter names or shapes differ are refused.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from d2_defects.checkpoint import CheckpointError, DefectCheckpointer, _atomic_write
+from d2_defects.engine.swa import SWAState
+
+
+class AverageError(ValueError):
+    """Bad input; reported as one ``ERROR:`` line."""
+
+
+def _load_model_weights(path):
+    # DefectCheckpointer's loader: weights_only, a clear error naming the file
+    data = DefectCheckpointer(torch.nn.Module())._load_file(path)
+    model = data["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise AverageError(f"{path}: 'model' is not a dict of tensors")
+    return model
+
+
+def average_checkpoints(paths, progress=True):
+    """
+    Equal-weight average of the ``model`` weights of ``paths`` (list[str], at least one).
+
+    Returns:
+        dict[str, Tensor]: the averaged state dict.
+    """
+    state = SWAState()
+    first = None
+    for path in tqdm(paths, desc="averaging", disable=not progress):
+        if not os.path.isfile(path):
+            raise AverageError(f"checkpoint not found: {path}")
+        weights = _load_model_weights(path)
+        if first is None:
+            first = (path, {k: tuple(v.shape) for k, v in weights.items()})
+        else:
+            ref_path, ref = first
+            missing, extra = sorted(set(ref) - set(weights)), sorted(set(weights) - set(ref))
+            if missing or extra:
+                raise AverageError(
+                    f"{path}: parameter names differ from {ref_path}: missing {missing[:5]}, extra {extra[:5]}"
+                    + (" ..." if len(missing) > 5 or len(extra) > 5 else "")
+                )
+            for k, v in weights.items():
+                if tuple(v.shape) != ref[k]:
+                    raise AverageError(f"{path}: {k} has shape {tuple(v.shape)}, {ref_path} has {ref[k]}")
+        state.update(weights)
+    return state.average
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT.pth", help="checkpoints to average (at least 2)")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint (.pth)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if len(args.checkpoints) < 2:
+            raise AverageError("give at least two checkpoints to average")
+        if os.path.exists(args.output) and not args.overwrite:
+            raise AverageError(f"{args.output} exists; pass --overwrite to replace it")
+        if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.checkpoints}:
+            raise AverageError(f"{args.output} is one of the inputs")
+        average = average_checkpoints(args.checkpoints)
+        data = {"model": average, "num_averaged": len(args.checkpoints),
+                "averaged_from": [os.path.abspath(p) for p in args.checkpoints]}
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        _atomic_write(args.output, lambda f: torch.save(data, f))
+    except (AverageError, CheckpointError, OSError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: average of {len(args.checkpoints)} checkpoints ({len(average)} tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

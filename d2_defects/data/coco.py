@@ -383,7 +383,8 @@ def register_coco_defects(name, json_file, image_root, validation="error", class
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     meta = MetadataCatalog.get(name)
     extra = {"json_file": json_file} if _json_is_faithful(validation, ignore) else {}
-    _set_metadata(meta, cats, class_weights, image_root=image_root, **extra)
+    _set_metadata(meta, cats, class_weights, image_root=image_root, dataset_format="coco",
+                  annotation_path=json_file, ignore=list(ignore or ()), **extra)
     DatasetCatalog.register(
         name,
         _CachedLoader(load_coco_defects, [json_file], json_file=json_file, image_root=image_root,

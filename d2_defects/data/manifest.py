@@ -82,7 +82,6 @@ def register_defect_dataset(name, format, annotations, images, classes=None, cla
     if format == "coco" and classes is None:
         meta = register_coco_defects(name, annotations, images, validation=validation,
                                      class_weights=class_weights, ignore=ignore)
-        meta.set(dataset_format=format)
         return meta
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
@@ -96,7 +95,7 @@ def register_defect_dataset(name, format, annotations, images, classes=None, cla
     meta = MetadataCatalog.get(name)
     extra = {"json_file": annotations} if format == "coco" and _json_is_faithful(validation, ignore) else {}
     _set_metadata(meta, cats, class_weights, image_root=images, dataset_format=format,
-                  annotation_path=annotations, **extra)
+                  annotation_path=annotations, ignore=list(ignore), source_classes=classes, **extra)
     files = [annotations] if os.path.isfile(annotations) else []
     DatasetCatalog.register(name, _CachedLoader(reader.load, files, name=name, validation=validation,
                                                 ignore=ignore))

@@ -122,7 +122,8 @@ def load_manifest(path):
     base = os.path.dirname(os.path.abspath(path))
     out, problems, names = [], [], set()
     for i, e in enumerate(entries):
-        where = f"entry {i} ({e.get('name', '?') if isinstance(e, dict) else e!r})"
+        label = e.get("name", "?") if isinstance(e, dict) else repr(e)
+        where = f"entry {i} ({label})"
         if not isinstance(e, dict):
             problems.append(f"{where}: expected a mapping with name, format, annotations, images")
             continue

@@ -39,7 +39,7 @@ def main(argv=None):
 
     opts = (["DATASETS.MANIFEST", os.path.abspath(args.manifest)] if args.manifest else []) + list(args.opts)
     cfg = load_config(args.config, opts)
-    register_from_config(cfg)
+    register_from_config(cfg, check=("TRAIN",))
     dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     mapper = build_defect_train_mapper(cfg, dataset_dicts=dataset)
     meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])

@@ -154,6 +154,23 @@ def load_manifest(path):
     return out
 
 
+def _shared_classes(entries, ignore):
+    """
+    Class list for the non-COCO entries that give none: the sorted union of the labels of all those
+    entries (without ignored ones), so that train and test splits get the same contiguous ids even
+    when a split lacks a class. None if there are no such entries.
+    """
+    todo = [e for e in entries if e["classes"] is None and e["format"] != "coco"]
+    if not todo:
+        return None
+    names = set()
+    for e in todo:
+        coco = read_dataset(e["format"], e["annotations"], e["images"])
+        skip = set(ignore) | set(e["ignore"] or [])
+        names |= {c["name"] for c in coco["categories"] if c["name"] not in skip}
+    return sorted(names)
+
+
 def register_manifest(path, validation="error", ignore=()):
     """
     Register every dataset of a manifest.
@@ -166,9 +183,14 @@ def register_manifest(path, validation="error", ignore=()):
         list[str]: the names registered.
     """
     names = []
-    for e in load_manifest(path):
+    entries = load_manifest(path)
+    shared = _shared_classes(entries, ignore)
+    for e in entries:
+        classes = e["classes"]
+        if classes is None and e["format"] != "coco":
+            classes = shared
         register_defect_dataset(
-            e["name"], e["format"], e["annotations"], e["images"], classes=e["classes"],
+            e["name"], e["format"], e["annotations"], e["images"], classes=classes,
             class_weights=e["class_weights"], ignore=list(ignore) + list(e["ignore"] or []),
             validation=e["validation"] or validation,
         )
@@ -178,16 +200,16 @@ def register_manifest(path, validation="error", ignore=()):
     return names
 
 
-def register_from_config(cfg):
-    """Register ``cfg.DATASETS.MANIFEST`` and check that every TRAIN/TEST dataset name exists."""
+def register_from_config(cfg, check=("TRAIN", "TEST")):
+    """Register ``cfg.DATASETS.MANIFEST`` and check that the dataset names of ``DATASETS.<check>`` exist."""
     if cfg.DATASETS.VALIDATION not in VALIDATION_MODES:
         raise ValueError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {cfg.DATASETS.VALIDATION!r}")
     names = []
     if cfg.DATASETS.MANIFEST:
         names = register_manifest(cfg.DATASETS.MANIFEST, cfg.DATASETS.VALIDATION, cfg.DATASETS.IGNORE_CATEGORIES)
     registered = set(DatasetCatalog.list())
-    unknown = [n for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if n not in registered]
+    unknown = [n for key in check for n in cfg.DATASETS[key] if n not in registered]
     if unknown:
         where = f" (manifest {cfg.DATASETS.MANIFEST} has: {', '.join(names)})" if cfg.DATASETS.MANIFEST else ""
-        raise DatasetError("DATASETS.TRAIN/TEST", [f"dataset '{n}' is not registered{where}" for n in unknown])
+        raise DatasetError("DATASETS." + "/".join(check), [f"dataset '{n}' is not registered{where}" for n in unknown])
     return names

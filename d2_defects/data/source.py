@@ -54,7 +54,7 @@ def load_source(args, progress=None, cfg=None):
     from .manifest import register_from_config, register_manifest
 
     if cfg is not None and cfg.DATASETS.MANIFEST:
-        register_from_config(cfg)
+        register_from_config(cfg, check=())
     if getattr(args, "manifest", None):
         register_manifest(args.manifest)
     if args.format:

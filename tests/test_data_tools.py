@@ -239,9 +239,17 @@ def test_train_net_on_a_manifest_registered_voc_dataset(voc_manifest, tmp_path):
     assert "AP-瓶盖破损" in res and "AP-背景" not in res
 
 
-def test_train_net_unknown_dataset_name_is_one_line(voc_manifest, tmp_path):
-    proc = run_train_net(["--config-file", SMALL_CONFIG, *TINY_OPTS, "DATASETS.MANIFEST", voc_manifest / "manifest.yaml",
-                          "DATASETS.TRAIN", "('voc_trian',)", "DATASETS.TEST", "()", "OUTPUT_DIR", tmp_path],
-                         str(tmp_path), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "dataset 'voc_trian' is not registered" in proc.stderr and "voc_train" in proc.stderr
+def test_unknown_dataset_name_is_one_line(voc_manifest, tmp_path, capsys):
+    from detectron2.engine import default_argument_parser
+
+    from d2_defects.engine.launch import run
+
+    args = default_argument_parser().parse_args(
+        ["--config-file", SMALL_CONFIG, *TINY_OPTS, "DATASETS.MANIFEST", str(voc_manifest / "manifest.yaml"),
+         "DATASETS.TRAIN", "('voc_trian',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        run(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "ERROR: DATASETS.TRAIN/TEST: 1 problem(s) found" in err
+    assert "dataset 'voc_trian' is not registered" in err and "voc_train" in err

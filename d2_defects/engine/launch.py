@@ -7,6 +7,7 @@ import sys
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import CheckpointError, DefectCheckpointer
 from ..config import add_defects_config
@@ -66,14 +67,15 @@ def setup(args):
     if getattr(args, "manifest", None):  # train_net.py --manifest PATH
         opts = ["DATASETS.MANIFEST", os.path.abspath(args.manifest)] + opts
     cfg = load_config(args.config_file, opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_defects", abbrev_name="d2d")
     try:
         register_from_config(cfg)  # manifest datasets, in every process
     except DatasetError:
         raise
     except ValueError as e:  # a wrong DATASETS.* value, named in the message
         raise UserError(f"config error: {e}") from None
-    cfg.freeze()
-    default_setup(cfg, args)
     return cfg
 
 

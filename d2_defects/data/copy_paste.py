@@ -32,10 +32,11 @@ class CopyPaste:
         class_ids (set[int] or None): contiguous class ids eligible as crops (None = all).
         max_tries (int): random placements tried per crop before giving up on it.
         cache_images (int): source images kept in memory (LRU).
+        cache_mb (float): memory for cached crops, per data-loader worker.
     """
 
     def __init__(self, dataset_dicts, image_format="BGR", prob_normal=1.0, prob=0.3, max_objects=3,
-                 class_ids=None, max_tries=20, cache_images=32):
+                 class_ids=None, max_tries=20, cache_images=8, cache_mb=256):
         self.bank = []  # (file_name, (x0, y0, x1, y1) int pixel box, category_id)
         for d in dataset_dicts:
             for a in d.get("annotations", []):
@@ -49,19 +50,29 @@ class CopyPaste:
         self.image_format = image_format
         self.prob_normal, self.prob, self.max_objects = prob_normal, prob, max_objects
         self.max_tries, self.cache_images = max_tries, cache_images
-        self._cache = OrderedDict()
+        self.cache_mb = cache_mb
+        self._cache, self._crops, self._crop_bytes = OrderedDict(), {}, 0
         if not self.bank:
             logger.warning("copy-paste: the training set has no boxes to paste; it does nothing")
 
-    def _read(self, file_name):
-        if file_name in self._cache:
-            self._cache.move_to_end(file_name)
-            return self._cache[file_name]
-        img = utils.read_image(file_name, format=self.image_format)
-        self._cache[file_name] = img
-        if len(self._cache) > self.cache_images:
-            self._cache.popitem(last=False)
-        return img
+    def _crop(self, index):
+        """The pixels of bank entry ``index``; crops are cached (they are small), up to ``cache_mb``."""
+        if index in self._crops:
+            return self._crops[index]
+        fname, (x0, y0, x1, y1), _ = self.bank[index]
+        if fname in self._cache:
+            self._cache.move_to_end(fname)
+            img = self._cache[fname]
+        else:
+            img = utils.read_image(fname, format=self.image_format)
+            self._cache[fname] = img
+            if len(self._cache) > self.cache_images:
+                self._cache.popitem(last=False)
+        crop = np.ascontiguousarray(img[y0:y1, x0:x1])
+        if self._crop_bytes + crop.nbytes <= self.cache_mb * 2**20:
+            self._crops[index] = crop
+            self._crop_bytes += crop.nbytes
+        return crop
 
     def __call__(self, image, dataset_dict, rng=np.random):
         """
@@ -79,7 +90,8 @@ class CopyPaste:
         H, W = image.shape[:2]
         added = []
         for _ in range(rng.randint(1, self.max_objects + 1)):
-            fname, (x0, y0, x1, y1), cat = self.bank[rng.randint(len(self.bank))]
+            index = rng.randint(len(self.bank))
+            fname, (x0, y0, x1, y1), cat = self.bank[index]
             if fname == dataset_dict.get("file_name"):
                 continue
             cw, ch = x1 - x0, y1 - y0
@@ -92,8 +104,7 @@ class CopyPaste:
                     break
             else:
                 continue
-            src = self._read(fname)
-            crop = src[y0:y1, x0:x1]
+            crop = self._crop(index)
             if crop.shape[2] != image.shape[2]:
                 continue
             image[py:py + ch, px:px + cw] = crop

@@ -14,8 +14,8 @@ Layouts (``annotations`` path, ``images`` path):
   name. VOC corners are 1-based like Detectron2's ``pascal_voc`` loader.
 - ``yolo``: a folder of ``<image stem>.txt`` files (``class cx cy w h``, normalised; polygon lines give
   their bounding box), the image folder. Every image is listed; images without a txt are normal images.
-  Class names from the class list, else ``classes.txt`` or a ``data.yaml`` (``names:``) next to or above
-  the labels.
+  Index names from ``classes.txt`` or a ``data.yaml`` (``names:``) next to or above the labels, else
+  from the class list.
 - ``labelme``: a folder of labelme JSON files (rectangles and polygons give boxes; ``imagePath`` is
   relative to the JSON), the image folder.
 """
@@ -173,7 +173,9 @@ def _yolo_class_names(label_dir):
 def read_yolo(label_dir, image_root, classes=None, progress=None):
     if not os.path.isdir(label_dir):
         raise FileNotFoundError(f"YOLO label folder not found: {label_dir}")
-    names = list(classes) if classes is not None else _yolo_class_names(label_dir)
+    # the txt files hold indices into classes.txt / data.yaml; ``classes`` only orders the output
+    # (it names the indices when the folder has no names file)
+    names = _yolo_class_names(label_dir) or (list(classes) if classes is not None else None)
     index = _ImageIndex(image_root)
     labels = {}
     for t in _files(label_dir, ".txt", "YOLO label"):
@@ -217,7 +219,7 @@ def read_yolo(label_dir, image_root, classes=None, progress=None):
     if names is None:
         names = [str(i) for i in range(max_cls + 1)]
         logger.warning(f"{label_dir}: no class names (classes.txt or data.yaml); using {names}")
-    b = _Builder(names, label_dir)
+    b = _Builder(list(classes) if classes is not None else names, label_dir)
     for rel, w, h, boxes in records:
         iid = b.add_image(rel, w, h)
         for c, x0, y0, x1, y1 in boxes:

@@ -105,7 +105,19 @@ def test_vflip_rot90_photometric_through_the_mapper(synthetic_root):
     assert torch.equal(out["instances"].gt_boxes.tensor, rb)
 
 
-def test_wrong_values_name_the_key(synthetic_root):
+def test_wrong_values_name_the_key(synthetic_root, tmp_path, capsys):
+    from detectron2.engine import default_argument_parser
+
+    from conftest import SMALL_CONFIG
+    from d2_defects.engine.launch import run
+
+    args = default_argument_parser().parse_args(["--config-file", SMALL_CONFIG, "INPUT.ROT90.PROB", "2.0",
+                                                 "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+                                                 "OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        run(args)
+    assert e.value.code == 2
+    assert "ERROR: config error: INPUT.ROT90.PROB must be a probability in [0, 1], got 2.0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="INPUT.VFLIP.PROB"):
         build_defect_train_mapper(_cfg(INPUT__VFLIP__ENABLED=True, INPUT__VFLIP__PROB=1.5))
     with pytest.raises(ValueError, match="INPUT.PHOTOMETRIC.CONTRAST"):

@@ -3,7 +3,7 @@ import numpy as np
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 
-__all__ = ["Rot90Transform", "RandomRot90", "build_defect_augmentations"]
+__all__ = ["Rot90Transform", "RandomRot90", "build_defect_augmentations", "check_augmentation_config"]
 
 
 class Rot90Transform(Transform):
@@ -94,3 +94,16 @@ def build_defect_augmentations(cfg, is_train):
         if cfg.INPUT.FORMAT in ("BGR", "RGB"):
             augs.append(T.RandomSaturation(*_check_range("INPUT.PHOTOMETRIC.SATURATION", p.SATURATION)))
     return augs
+
+
+def check_augmentation_config(cfg):
+    """Raise ``ValueError`` naming the key for a wrong ``INPUT.VFLIP/ROT90/PHOTOMETRIC/COPY_PASTE`` value."""
+    i = cfg.INPUT
+    _check_prob("INPUT.VFLIP.PROB", i.VFLIP.PROB)
+    _check_prob("INPUT.ROT90.PROB", i.ROT90.PROB)
+    for k in ("BRIGHTNESS", "CONTRAST", "SATURATION"):
+        _check_range(f"INPUT.PHOTOMETRIC.{k}", i.PHOTOMETRIC[k])
+    _check_prob("INPUT.COPY_PASTE.PROB", i.COPY_PASTE.PROB)
+    _check_prob("INPUT.COPY_PASTE.PROB_NORMAL", i.COPY_PASTE.PROB_NORMAL)
+    if int(i.COPY_PASTE.MAX_OBJECTS) < 1:
+        raise ValueError(f"INPUT.COPY_PASTE.MAX_OBJECTS must be >= 1, got {i.COPY_PASTE.MAX_OBJECTS}")

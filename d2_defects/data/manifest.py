@@ -201,7 +201,13 @@ def register_manifest(path, validation="error", ignore=()):
 
 
 def register_from_config(cfg, check=("TRAIN", "TEST")):
-    """Register ``cfg.DATASETS.MANIFEST`` and check that the dataset names of ``DATASETS.<check>`` exist."""
+    """
+    Register ``cfg.DATASETS.MANIFEST`` and check that the dataset names of ``DATASETS.<check>`` exist.
+    Also checks the ``DATASETS.VALIDATION`` and ``INPUT.*`` augmentation values (``ValueError`` naming the key).
+    """
+    from .augment import check_augmentation_config
+
+    check_augmentation_config(cfg)
     if cfg.DATASETS.VALIDATION not in VALIDATION_MODES:
         raise ValueError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {cfg.DATASETS.VALIDATION!r}")
     names = []

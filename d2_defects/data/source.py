@@ -25,7 +25,6 @@ def add_source_args(parser, required=True):
     g.add_argument("--images", help="with --format: image folder")
     g.add_argument("--classes", nargs="+", help="with --format: class names in order (default: from the data)")
     g.add_argument("--ignore", nargs="+", default=[], help="class names to drop with their boxes, e.g. 背景")
-    parser.set_defaults(_source_required=required)
     return g
 
 

@@ -16,7 +16,6 @@ from d2_defects.data.formats import read_dataset, write_dataset
 from d2_defects.data.split import kfold_images, split_images
 
 from conftest import ROOT, SMALL_CONFIG, TINY_OPTS, run_train_net
-import data_helpers as H
 
 
 def _tool(name):
@@ -96,7 +95,6 @@ def test_shape_iou_matches_torchvision(big_coco):
     assert np.allclose(shape_iou(wh, anchors), box_iou(centred(wh), centred(anchors)).numpy())
     # Detectron2's anchor generator gives the same shapes
     from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-    from detectron2.layers import ShapeSpec
 
     gen = DefaultAnchorGenerator(sizes=[[16], [32]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=[4, 8])
     cells = torch.cat([c for c in gen.cell_anchors]).numpy()

@@ -106,8 +106,9 @@ def plot_stats(st, out_dir):
     counts = [st["class_counts"][n][1] for n in st["classes"]]
     ax.bar(range(len(counts)), counts)
     ax.set_xticks(range(len(counts)))
-    ax.set_xticklabels([f"class {i}" for i in range(len(counts))], rotation=45)
-    ax.set_title("boxes per class (names in the table)")
+    ascii_names = all(n.isascii() for n in st["classes"])  # the default font has no CJK glyphs
+    ax.set_xticklabels(st["classes"] if ascii_names else [f"class {i}" for i in range(len(counts))], rotation=45)
+    ax.set_title("boxes per class" if ascii_names else "boxes per class (in the order of tables.md)")
     save(fig, "class_counts.png")
 
     for key, title in (("wh", "absolute"), ("wh_resized", "after resize")):

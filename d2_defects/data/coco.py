@@ -2,20 +2,45 @@
 
 Unlike ``detectron2.data.datasets.load_coco_json`` this loader
 - maps category ids of any numbering to contiguous ids, keeping the names;
+- drops categories listed in ``ignore`` (e.g. a "背景"/background class), logging how many boxes went;
 - keeps normal images (no boxes) as records with an empty ``annotations`` list;
 - checks the records first and reports *every* problem (file, image id, annotation id) in one
-  :class:`DatasetError` instead of a ``KeyError`` deep inside the data loader.
+  :class:`DatasetError` instead of a ``KeyError`` deep inside the data loader: missing or undecodable
+  image files, image sizes differing from the annotation, boxes of non-positive size or outside the
+  image, unknown category ids, duplicate image ids or file names, empty datasets.
+
+Validation modes (``DATASETS.VALIDATION``): ``"error"`` raises one summary error, ``"warn"`` logs the
+problems and drops the images concerned, ``"clip"`` clips boxes that stick out of their image into it and
+raises on every other problem, ``"none"`` skips the checks.  Image files are opened once per process
+(the result is cached by path, size and modification time).
 """
+import copy
 import json
 import logging
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DatasetError", "load_coco_defects", "register_coco_defects", "validate_coco_dict"]
+__all__ = [
+    "DatasetError",
+    "VALIDATION_MODES",
+    "apply_ignore",
+    "clip_boxes",
+    "image_size",
+    "load_coco_defects",
+    "load_coco_dict",
+    "register_coco_defects",
+    "validate_coco_dict",
+]
+
+VALIDATION_MODES = ("error", "warn", "clip", "none")
+
+# (path, file size, mtime_ns) -> ((width, height), None) or (None, error message)
+_IMAGE_CACHE = {}
 
 
 class DatasetError(ValueError):
@@ -30,6 +55,33 @@ class DatasetError(ValueError):
         super().__init__(f"{source}: {len(self.problems)} problem(s) found:\n  {shown}{tail}")
 
 
+def image_size(path):
+    """
+    Decode an image file once per process and return its size as Detectron2 will see it.
+
+    Returns:
+        tuple: ``((width, height), None)`` or ``(None, "reason")`` if the file is missing or cannot be
+        decoded. The EXIF orientation is applied like ``detectron2.data.detection_utils.read_image``.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, "image file not found"
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _IMAGE_CACHE:
+        try:
+            with Image.open(path) as im:
+                im.load()  # full decode: catches truncated files that the header alone does not
+                w, h = im.size
+                orientation = im.getexif().get(0x0112, 1)
+            if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
+                w, h = h, w
+            _IMAGE_CACHE[key] = ((w, h), None)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            _IMAGE_CACHE[key] = (None, f"image file cannot be decoded ({type(e).__name__}: {e})")
+    return _IMAGE_CACHE[key]
+
+
 def validate_coco_dict(coco, json_file, image_root, check_files=True):
     """
     Check a parsed COCO dict for the errors that otherwise surface as obscure failures during training.
@@ -38,7 +90,8 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True):
         coco (dict): parsed COCO json.
         json_file (str): its path, used in messages.
         image_root (str): folder that ``file_name`` is relative to.
-        check_files (bool): also check that every image file exists.
+        check_files (bool): also check that every image file exists, decodes and has the size given
+            in the annotation.
 
     Returns:
         list[str]: problems, each naming the file, image id and annotation id; empty if valid.
@@ -62,9 +115,21 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True):
             bad_images.add(iid)
         seen_names.add(fname)
         sizes[iid] = (img.get("width"), img.get("height"), fname)
-        if check_files and not os.path.isfile(os.path.join(image_root, fname)):
-            problems.append(f"image id {iid}: image file not found: {os.path.join(image_root, fname)}")
-            bad_images.add(iid)
+        if check_files:
+            path = os.path.join(image_root, fname)
+            size, err = image_size(path)
+            if err == "image file not found":
+                problems.append(f"image id {iid}: image file not found: {path}")
+                bad_images.add(iid)
+            elif err is not None:
+                problems.append(f"image id {iid}: {err}: {path}")
+                bad_images.add(iid)
+            elif (img.get("width"), img.get("height")) != size:
+                problems.append(
+                    f"image id {iid} ({fname}): image size {size[0]}x{size[1]} differs from the "
+                    f"annotation's {img.get('width')}x{img.get('height')}"
+                )
+                bad_images.add(iid)
     for ann in coco.get("annotations", []):
         aid, iid = ann.get("id"), ann.get("image_id")
         where = f"annotation id {aid} (image id {iid}"
@@ -74,9 +139,9 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True):
         w, h, fname = sizes[iid]
         where += f", {fname})"
         if ann.get("category_id") not in cat_ids:
-            problems.append(
-                f"{where}: unknown category id {ann.get('category_id')} (known: {sorted(cat_ids)})"
-            )
+            cid = ann.get("category_id")
+            what = f"unknown class '{cid}'" if isinstance(cid, str) else f"unknown category id {cid}"
+            problems.append(f"{where}: {what} (known: {_known(coco)})")
             bad_images.add(iid)
         x, y, bw, bh = ann.get("bbox", [0, 0, 0, 0])
         if not (bw > 0 and bh > 0):
@@ -88,52 +153,118 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True):
     return problems, bad_images
 
 
-def load_coco_defects(json_file, image_root, dataset_name=None, validation="error"):
-    """
-    Load a COCO detection json into Detectron2's dataset dicts.
+def _known(coco):
+    cats = sorted(coco.get("categories", []), key=lambda c: c["id"])
+    return ", ".join(f"{c['id']}={c['name']}" for c in cats)
 
-    Args:
-        json_file (str): path to the COCO json.
-        image_root (str): folder with the images.
-        dataset_name (str or None): if given, fill ``MetadataCatalog.get(dataset_name)`` with
-            ``thing_classes``, ``thing_dataset_id_to_contiguous_id``, ``thing_class_weights``,
-            ``json_file`` and ``image_root``.
-        validation (str): "error" raises :class:`DatasetError` on any problem; "warn" logs them and
-            drops the images concerned; "none" skips the checks.
+
+def apply_ignore(coco, ignore, source="dataset"):
+    """
+    Drop the categories named in ``ignore`` and their boxes (a copy; the input is not modified).
 
     Returns:
-        list[dict]: one record per image (normal images have ``annotations == []``).
+        dict: the COCO dict without them; images that only had ignored boxes become normal images.
+        dict[str, int]: boxes dropped per ignored category name.
     """
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"COCO annotation file not found: {json_file}")
-    try:
-        with open(json_file) as f:
-            coco = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(json_file, [f"not a valid json file: {e}"]) from None
+    ignore = set(ignore or ())
+    if not ignore:
+        return coco, {}
+    drop = {c["id"]: c["name"] for c in coco.get("categories", []) if c["name"] in ignore}
+    # readers keep labels outside a fixed class list as their name (see formats.py)
+    drop.update({n: n for n in ignore})
+    counts = {}
+    anns = []
+    for a in coco.get("annotations", []):
+        cid = a.get("category_id")
+        if isinstance(cid, (int, str)) and cid in drop:
+            counts[drop[cid]] = counts.get(drop[cid], 0) + 1
+        else:
+            anns.append(a)
+    for name in sorted(ignore - set(counts)):
+        logger.warning(f"{source}: ignored category '{name}' does not occur in the dataset")
+    out = dict(coco, annotations=anns, categories=[c for c in coco["categories"] if c["id"] not in drop])
+    for name, n in counts.items():
+        logger.info(f"{source}: ignored category '{name}': dropped {n} boxes")
+    return out, counts
 
-    bad_images = set()
-    if validation != "none":
-        problems, bad_images = validate_coco_dict(coco, json_file, image_root)
-        if problems:
-            if validation == "error":
-                raise DatasetError(json_file, problems)
-            logger.warning(str(DatasetError(json_file, problems)) + "\n  -> dropping those images")
+
+def clip_boxes(coco):
+    """
+    Clip boxes that stick out of their image into it (a copy). Boxes left with no area are dropped.
+
+    Returns:
+        dict: the fixed COCO dict.
+        int: number of boxes changed or dropped.
+    """
+    sizes = {img["id"]: (img.get("width"), img.get("height")) for img in coco.get("images", [])}
+    anns, changed = [], 0
+    for a in coco.get("annotations", []):
+        w, h = sizes.get(a.get("image_id"), (None, None))
+        if w is None or h is None or "bbox" not in a:
+            anns.append(a)
+            continue
+        x, y, bw, bh = a["bbox"]
+        x0, y0 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+        x1, y1 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+        new = [x0, y0, x1 - x0, y1 - y0]
+        if new != [x, y, bw, bh]:
+            changed += 1
+            if bw > 0 and bh > 0 and (x1 <= x0 or y1 <= y0):
+                continue  # entirely outside the image
+            if bw > 0 and bh > 0:
+                a = dict(a, bbox=new)
+        anns.append(a)
+    return dict(coco, annotations=anns), changed
+
+
+def _check(coco, source, image_root, validation, check_files=True):
+    """Run the checks for ``validation`` mode; return (coco, bad image ids) or raise DatasetError."""
+    if validation not in VALIDATION_MODES:
+        raise ValueError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {validation!r}")
+    if validation == "none":
+        return coco, set()
+    if validation == "clip":
+        coco, n = clip_boxes(coco)
+        if n:
+            logger.warning(f"{source}: clipped {n} box(es) that were outside their image")
+    problems, bad_images = validate_coco_dict(coco, source, image_root, check_files=check_files)
+    if problems:
+        if validation in ("error", "clip"):
+            raise DatasetError(source, problems)
+        logger.warning(str(DatasetError(source, problems)) + "\n  -> dropping those images")
+    return coco, bad_images
+
+
+def _set_metadata(meta, cats, class_weights=None, **extra):
+    meta.set(
+        thing_classes=[c["name"] for c in cats],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
+        evaluator_type="coco",
+        **extra,
+    )
+    weights = list(class_weights) if class_weights else [c.get("weight") for c in cats]
+    if weights and all(w is not None for w in weights):
+        if len(weights) != len(cats):
+            raise ValueError(f"{meta.name}: {len(weights)} class weights given for {len(cats)} classes")
+        meta.set(thing_class_weights=[float(w) for w in weights])
+
+
+def load_coco_dict(coco, source, image_root, dataset_name=None, validation="error", ignore=()):
+    """
+    Turn a parsed COCO dict into Detectron2's dataset dicts (see :func:`load_coco_defects`).
+
+    Args:
+        coco (dict): COCO detection dict; ``file_name`` relative to ``image_root``. Not modified.
+        source (str): where it came from (file or folder), used in messages.
+        ignore (iterable[str]): category names to drop, with their boxes.
+    """
+    coco, _ = apply_ignore(coco, ignore, source)
+    coco, bad_images = _check(coco, source, image_root, validation)
 
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     id_map = {c["id"]: i for i, c in enumerate(cats)}
     if dataset_name is not None and not hasattr(MetadataCatalog.get(dataset_name), "thing_classes"):
-        weights = [c.get("weight") for c in cats]
-        meta = MetadataCatalog.get(dataset_name)
-        meta.set(
-            thing_classes=[c["name"] for c in cats],
-            thing_dataset_id_to_contiguous_id=id_map,
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="coco",
-        )
-        if all(w is not None for w in weights):
-            meta.set(thing_class_weights=[float(w) for w in weights])
+        _set_metadata(MetadataCatalog.get(dataset_name), cats, image_root=image_root)
 
     anns_per_image = {}
     for ann in coco.get("annotations", []):
@@ -163,37 +294,100 @@ def load_coco_defects(json_file, image_root, dataset_name=None, validation="erro
         )
     logger.info(
         f"Loaded {len(records)} images ({sum(not r['annotations'] for r in records)} normal) and "
-        f"{sum(len(r['annotations']) for r in records)} boxes from {json_file}"
+        f"{sum(len(r['annotations']) for r in records)} boxes from {source}"
     )
     return records
 
 
-def register_coco_defects(name, json_file, image_root, validation="error", class_weights=None):
+def read_coco_json(json_file):
+    """Parse a COCO json, with a :class:`DatasetError` naming the file if it is not valid json."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"COCO annotation file not found: {json_file}")
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(json_file, [f"not a valid json file: {e}"]) from None
+    if not isinstance(coco, dict) or "categories" not in coco or "images" not in coco:
+        raise DatasetError(json_file, ["not a COCO detection json (needs 'images' and 'categories')"])
+    return coco
+
+
+def load_coco_defects(json_file, image_root, dataset_name=None, validation="error", ignore=()):
+    """
+    Load a COCO detection json into Detectron2's dataset dicts.
+
+    Args:
+        json_file (str): path to the COCO json.
+        image_root (str): folder with the images.
+        dataset_name (str or None): if given, fill ``MetadataCatalog.get(dataset_name)`` with
+            ``thing_classes``, ``thing_dataset_id_to_contiguous_id``, ``thing_class_weights``,
+            ``json_file`` and ``image_root``.
+        validation (str): "error" raises :class:`DatasetError` on any problem; "warn" logs them and
+            drops the images concerned; "clip" clips boxes outside their image and raises on the rest;
+            "none" skips the checks.
+        ignore (iterable[str]): category names to drop with their boxes (count logged).
+
+    Returns:
+        list[dict]: one record per image (normal images have ``annotations == []``).
+    """
+    coco = read_coco_json(json_file)
+    if dataset_name is not None and not hasattr(MetadataCatalog.get(dataset_name), "thing_classes"):
+        if _json_is_faithful(validation, ignore):
+            MetadataCatalog.get(dataset_name).set(json_file=json_file)
+    return load_coco_dict(coco, json_file, image_root, dataset_name, validation=validation, ignore=ignore)
+
+
+def _json_is_faithful(validation, ignore):
+    """Whether the source json equals the loaded records, so that COCOEvaluator may use it as ground
+    truth (otherwise it converts the loaded records itself)."""
+    return not ignore and validation in ("error", "none")
+
+
+class _CachedLoader:
+    """A picklable ``DatasetCatalog`` loader that runs the checks once per process and file version."""
+
+    def __init__(self, fn, files, **kwargs):
+        self.fn, self.files, self.kwargs = fn, list(files), kwargs
+        self._key, self._records = None, None
+
+    def _signature(self):
+        sig = []
+        for f in self.files:
+            try:
+                st = os.stat(f)
+                sig.append((f, st.st_size, st.st_mtime_ns))
+            except OSError:
+                sig.append((f, None, None))
+        return tuple(sig)
+
+    def __call__(self):
+        key = self._signature()
+        if self._records is None or key != self._key:
+            self._records, self._key = self.fn(**self.kwargs), key
+        return copy.deepcopy(self._records)
+
+
+def register_coco_defects(name, json_file, image_root, validation="error", class_weights=None, ignore=()):
     """
     Register a COCO-format defect dataset under ``name``.
 
     The json is read once here to fill the metadata (so evaluators and visualisers know the classes
-    before the data is loaded); the records themselves are loaded lazily by ``DatasetCatalog.get``.
+    before the data is loaded); the records themselves are loaded (and checked) lazily by
+    ``DatasetCatalog.get``, once per process.
     """
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    with open(json_file) as f:
-        cats = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+    coco, _ = apply_ignore(read_coco_json(json_file), ignore, json_file)
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
     meta = MetadataCatalog.get(name)
-    meta.set(
-        thing_classes=[c["name"] for c in cats],
-        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
-        json_file=json_file,
-        image_root=image_root,
-        evaluator_type="coco",
-    )
-    weights = class_weights or [c.get("weight") for c in cats]
-    if all(w is not None for w in weights):
-        if len(weights) != len(cats):
-            raise ValueError(f"{name}: {len(weights)} class weights given for {len(cats)} classes")
-        meta.set(thing_class_weights=[float(w) for w in weights])
+    extra = {"json_file": json_file} if _json_is_faithful(validation, ignore) else {}
+    _set_metadata(meta, cats, class_weights, image_root=image_root, dataset_format="coco",
+                  annotation_path=json_file, ignore=list(ignore or ()), **extra)
     DatasetCatalog.register(
-        name, lambda: load_coco_defects(json_file, image_root, name, validation=validation)
+        name,
+        _CachedLoader(load_coco_defects, [json_file], json_file=json_file, image_root=image_root,
+                      dataset_name=name, validation=validation, ignore=tuple(ignore or ())),
     )
     return meta

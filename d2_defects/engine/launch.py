@@ -7,10 +7,12 @@ import sys
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import CheckpointError, DefectCheckpointer
 from ..config import add_defects_config
 from ..data.coco import DatasetError
+from ..data.manifest import register_from_config
 
 __all__ = ["UserError", "load_config", "setup", "main", "run"]
 
@@ -61,9 +63,19 @@ def load_config(config_file, opts=()):
 
 def setup(args):
     """Build the frozen config for ``args`` and set up logging/output (Detectron2's default_setup)."""
-    cfg = load_config(args.config_file, args.opts)
+    opts = list(args.opts)
+    if getattr(args, "manifest", None):  # train_net.py --manifest PATH
+        opts = ["DATASETS.MANIFEST", os.path.abspath(args.manifest)] + opts
+    cfg = load_config(args.config_file, opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_defects", abbrev_name="d2d")
+    try:
+        register_from_config(cfg)  # manifest datasets, in every process
+    except DatasetError:
+        raise
+    except ValueError as e:  # a wrong DATASETS.* value, named in the message
+        raise UserError(f"config error: {e}") from None
     return cfg
 
 

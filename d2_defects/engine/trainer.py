@@ -107,3 +107,22 @@ class Trainer(DefaultTrainer):
         if comm.is_main_process() and results:
             write_eval_report(results, cfg.OUTPUT_DIR)
         return results
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's train loader with the defect mapper (``INPUT.VFLIP``/``ROT90``/``PHOTOMETRIC``/
+        ``COPY_PASTE``); with those keys off it is exactly the default loader."""
+        from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+
+        from ..data.mapper import build_defect_train_mapper, defect_augmentations_enabled
+
+        if not defect_augmentations_enabled(cfg):
+            return super().build_train_loader(cfg)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        mapper = build_defect_train_mapper(cfg, dataset_dicts=dataset)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)

@@ -1,0 +1,409 @@
+"""Readers and writers for the annotation formats of defect datasets, all through COCO dicts.
+
+Every reader returns a COCO detection dict (``images``, ``annotations``, ``categories``; boxes XYWH in
+pixels, ``file_name`` relative to the image root) that then goes through the same checks as a COCO json
+(:func:`d2_defects.data.coco.load_coco_dict`).  A box whose label is not in the given class list keeps
+the label as its ``category_id`` so that validation reports it by name.
+
+Layouts (``annotations`` path, ``images`` path):
+
+- ``coco``: a COCO json file, the image folder.
+- ``voc``: a folder of Pascal VOC XML files (searched recursively: NEU-DET ``ANNOTATIONS/``, GC10-DET
+  ``lable/``, URPC ``box/``), the image folder (searched recursively, so GC10-DET's per-class folders
+  work). The image is found by the XML's ``<filename>`` (with or without extension), else by the XML's
+  name. VOC corners are 1-based like Detectron2's ``pascal_voc`` loader.
+- ``yolo``: a folder of ``<image stem>.txt`` files (``class cx cy w h``, normalised; polygon lines give
+  their bounding box), the image folder. Every image is listed; images without a txt are normal images.
+  Index names from ``classes.txt`` or a ``data.yaml`` (``names:``) next to or above the labels, else
+  from the class list.
+- ``labelme``: a folder of labelme JSON files (rectangles and polygons give boxes; ``imagePath`` is
+  relative to the JSON), the image folder.
+"""
+import glob
+import json
+import logging
+import os
+import xml.etree.ElementTree as ET
+
+import yaml
+
+from .coco import DatasetError, image_size, read_coco_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "IMAGE_EXTENSIONS", "read_dataset", "write_dataset"]
+
+FORMATS = ("coco", "voc", "yolo", "labelme")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _files(folder, ext, what):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what} folder not found: {folder}")
+    return sorted(glob.glob(os.path.join(folder, "**", f"*{ext}"), recursive=True))
+
+
+class _ImageIndex:
+    """Finds image files under a root by relative path, file name or stem."""
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root}")
+        self.root = root
+        self.files = sorted(
+            os.path.relpath(p, root).replace(os.sep, "/")
+            for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+            if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS
+        )
+        self.by_name, self.by_stem = {}, {}
+        for rel in self.files:
+            base = os.path.basename(rel)
+            self.by_name.setdefault(base, rel)
+            self.by_stem.setdefault(os.path.splitext(rel)[0], rel)
+            self.by_stem.setdefault(os.path.splitext(base)[0], rel)
+
+    def find(self, *names):
+        """First match for the given names (relative path, base name or stem); None if none."""
+        for n in names:
+            if not n:
+                continue
+            n = n.replace("\\", "/")
+            if os.path.isfile(os.path.join(self.root, n)):
+                return n
+            base = os.path.basename(n)
+            if base in self.by_name:
+                return self.by_name[base]
+            stem = os.path.splitext(n)[0]
+            for key in (stem, os.path.basename(stem), n, base):
+                if key in self.by_stem:
+                    return self.by_stem[key]
+        return None
+
+
+class _Builder:
+    """Accumulates images/annotations with names mapped to category ids."""
+
+    def __init__(self, classes, source):
+        self.source = source
+        self.fixed = classes is not None
+        self.names = list(classes or [])
+        self.images, self.anns = [], []
+
+    def add_image(self, file_name, width, height):
+        iid = len(self.images) + 1
+        self.images.append({"id": iid, "file_name": file_name, "width": width, "height": height})
+        return iid
+
+    def add_box(self, iid, label, x0, y0, x1, y1):
+        label = str(label).strip()
+        if label not in self.names and not self.fixed:
+            self.names.append(label)
+        cid = self.names.index(label) + 1 if label in self.names else label
+        self.anns.append({"id": len(self.anns) + 1, "image_id": iid, "category_id": cid,
+                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+
+    def coco(self):
+        names = self.names
+        if not self.fixed:  # discovered names: sorted, so that the order does not depend on file order
+            order = sorted(names)
+            remap = {names.index(n) + 1: order.index(n) + 1 for n in names}
+            for a in self.anns:
+                a["category_id"] = remap[a["category_id"]]
+            names = order
+        return {"images": self.images, "annotations": self.anns,
+                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+
+
+def _size_of(root, rel):
+    size, _ = image_size(os.path.join(root, rel))
+    return size or (None, None)
+
+
+def read_voc(ann_dir, image_root, classes=None, progress=None):
+    b = _Builder(classes, ann_dir)
+    index = _ImageIndex(image_root)
+    problems = []
+    files = _files(ann_dir, ".xml", "VOC annotation")
+    for xml_file in progress(files, desc="reading VOC") if progress else files:
+        try:
+            root = ET.parse(xml_file).getroot()
+        except ET.ParseError as e:
+            problems.append(f"{xml_file}: not a valid XML file ({e})")
+            continue
+        fname = (root.findtext("filename") or "").strip()
+        stem = os.path.splitext(os.path.relpath(xml_file, ann_dir))[0]
+        rel = index.find(fname, stem)
+        if rel is None:
+            problems.append(f"{xml_file}: image file not found under {image_root} (filename '{fname}')")
+            continue
+        w = int(float(root.findtext("size/width") or 0))
+        h = int(float(root.findtext("size/height") or 0))
+        if w <= 0 or h <= 0:
+            w, h = _size_of(image_root, rel)
+        iid = b.add_image(rel, w, h)
+        for obj in root.findall("object"):
+            try:
+                box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (TypeError, ValueError):
+                problems.append(f"{xml_file}: object '{obj.findtext('name')}' has no valid bndbox")
+                continue
+            # 1-based corners -> 0-based continuous coordinates (as detectron2's pascal_voc loader)
+            b.add_box(iid, obj.findtext("name") or "", max(box[0] - 1, 0.0), max(box[1] - 1, 0.0), box[2], box[3])
+    if problems:
+        raise DatasetError(ann_dir, problems)
+    return b.coco()
+
+
+def _yolo_class_names(label_dir):
+    for folder in (label_dir, os.path.dirname(os.path.normpath(label_dir))):
+        txt = os.path.join(folder, "classes.txt")
+        if os.path.isfile(txt):
+            with open(txt, encoding="utf-8") as f:
+                return [line.strip() for line in f if line.strip()]
+        for y in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
+            with open(y, encoding="utf-8") as f:
+                names = (yaml.safe_load(f) or {}).get("names")
+            if isinstance(names, dict):
+                return [str(names[k]) for k in sorted(names)]
+            if isinstance(names, list):
+                return [str(n) for n in names]
+    return None
+
+
+def read_yolo(label_dir, image_root, classes=None, progress=None):
+    if not os.path.isdir(label_dir):
+        raise FileNotFoundError(f"YOLO label folder not found: {label_dir}")
+    # the txt files hold indices into classes.txt / data.yaml; ``classes`` only orders the output
+    # (it names the indices when the folder has no names file)
+    names = _yolo_class_names(label_dir) or (list(classes) if classes is not None else None)
+    index = _ImageIndex(image_root)
+    labels = {}
+    for t in _files(label_dir, ".txt", "YOLO label"):
+        if os.path.basename(t) == "classes.txt":
+            continue
+        labels[os.path.splitext(os.path.relpath(t, label_dir))[0].replace(os.sep, "/")] = t
+    used = set()
+    records, problems, max_cls = [], [], -1
+    for rel in progress(index.files, desc="reading YOLO") if progress else index.files:
+        stem = os.path.splitext(rel)[0]
+        txt = labels.get(stem) or labels.get(os.path.basename(stem))
+        w, h = _size_of(image_root, rel)
+        boxes = []
+        if txt is not None:
+            used.add(txt)
+            with open(txt, encoding="utf-8") as f:
+                for ln, line in enumerate(f, 1):
+                    parts = line.split()
+                    if not parts:
+                        continue
+                    try:
+                        c, vals = int(parts[0]), [float(v) for v in parts[1:]]
+                    except ValueError:
+                        problems.append(f"{txt}:{ln}: not a YOLO line: {line.strip()!r}")
+                        continue
+                    if len(vals) == 4:
+                        cx, cy, bw, bh = vals
+                        x0, y0, x1, y1 = cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2
+                    elif len(vals) >= 6 and len(vals) % 2 == 0:  # polygon
+                        x0, x1, y0, y1 = min(vals[0::2]), max(vals[0::2]), min(vals[1::2]), max(vals[1::2])
+                    else:
+                        problems.append(f"{txt}:{ln}: expected 'class cx cy w h' or a polygon: {line.strip()!r}")
+                        continue
+                    max_cls = max(max_cls, c)
+                    boxes.append((c, x0, y0, x1, y1))
+        records.append((rel, w, h, boxes))
+    for t in sorted(set(labels.values()) - used):
+        problems.append(f"{t}: no image with this name under {image_root}")
+    if problems:
+        raise DatasetError(label_dir, problems)
+    if names is None:
+        names = [str(i) for i in range(max_cls + 1)]
+        logger.warning(f"{label_dir}: no class names (classes.txt or data.yaml); using {names}")
+    b = _Builder(list(classes) if classes is not None else names, label_dir)
+    for rel, w, h, boxes in records:
+        iid = b.add_image(rel, w, h)
+        for c, x0, y0, x1, y1 in boxes:
+            label = names[c] if 0 <= c < len(names) else f"#{c}"
+            sx, sy = (w or 0), (h or 0)
+            b.add_box(iid, label, x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    return b.coco()
+
+
+def read_labelme(json_dir, image_root, classes=None, progress=None):
+    b = _Builder(classes, json_dir)
+    index = _ImageIndex(image_root)
+    problems = []
+    files = _files(json_dir, ".json", "labelme")
+    for jf in progress(files, desc="reading labelme") if progress else files:
+        try:
+            with open(jf, encoding="utf-8") as f:
+                d = json.load(f)
+            shapes = d["shapes"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            problems.append(f"{jf}: not a labelme json ({type(e).__name__}: {e})")
+            continue
+        image_path = (d.get("imagePath") or "").replace("\\", "/")
+        rel = None
+        if image_path:
+            abs_path = os.path.normpath(os.path.join(os.path.dirname(jf), image_path))
+            if os.path.isfile(abs_path) and not os.path.relpath(abs_path, image_root).startswith(".."):
+                rel = os.path.relpath(abs_path, image_root).replace(os.sep, "/")
+        rel = rel or index.find(image_path, os.path.splitext(os.path.relpath(jf, json_dir))[0])
+        if rel is None:
+            problems.append(f"{jf}: image file not found under {image_root} (imagePath '{image_path}')")
+            continue
+        w, h = d.get("imageWidth"), d.get("imageHeight")
+        if not w or not h:
+            w, h = _size_of(image_root, rel)
+        iid = b.add_image(rel, w, h)
+        for k, s in enumerate(shapes):
+            pts = s.get("points") or []
+            if not pts:
+                problems.append(f"{jf}: shape {k} ('{s.get('label')}') has no points")
+                continue
+            xs, ys = [float(p[0]) for p in pts], [float(p[1]) for p in pts]
+            if s.get("shape_type") == "circle" and len(pts) == 2:
+                r = ((xs[1] - xs[0]) ** 2 + (ys[1] - ys[0]) ** 2) ** 0.5
+                xs, ys = [xs[0] - r, xs[0] + r], [ys[0] - r, ys[0] + r]
+            b.add_box(iid, s.get("label", ""), min(xs), min(ys), max(xs), max(ys))
+    if problems:
+        raise DatasetError(json_dir, problems)
+    return b.coco()
+
+
+def read_dataset(fmt, annotations, image_root, classes=None, progress=None):
+    """
+    Read a dataset in any supported format into a COCO dict.
+
+    Args:
+        fmt (str): one of :data:`FORMATS`.
+        annotations (str): the json file (coco) or annotation folder (voc, yolo, labelme).
+        image_root (str): the image folder.
+        classes (list[str] or None): class names in contiguous-id order; labels outside it are
+            reported by validation. None: discovered (sorted by name; COCO: the json's categories).
+        progress (callable or None): e.g. ``tqdm``, wrapped around the per-file loop.
+    """
+    if fmt == "coco":
+        coco = read_coco_json(annotations)
+        if classes is not None:
+            coco = _restrict_coco_classes(coco, classes)
+        return coco
+    readers = {"voc": read_voc, "yolo": read_yolo, "labelme": read_labelme}
+    if fmt not in readers:
+        raise ValueError(f"unknown dataset format {fmt!r}; use one of {FORMATS}")
+    return readers[fmt](annotations, image_root, classes=classes, progress=progress)
+
+
+def _restrict_coco_classes(coco, classes):
+    """Re-number a COCO dict's categories to the order of ``classes`` (others become unknown names)."""
+    by_id = {c["id"]: c["name"] for c in coco["categories"]}
+    anns = []
+    for a in coco.get("annotations", []):
+        name = by_id.get(a.get("category_id"), a.get("category_id"))
+        anns.append(dict(a, category_id=classes.index(name) + 1 if name in classes else name))
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
+    weights = {c["name"]: c.get("weight") for c in coco["categories"]}
+    for c in cats:
+        if weights.get(c["name"]) is not None:
+            c["weight"] = weights[c["name"]]
+    return dict(coco, annotations=anns, categories=cats)
+
+
+# ---------------------------------------------------------------- writers
+def _num(v):
+    v = round(float(v), 3)
+    return int(v) if v == int(v) else v
+
+
+def write_coco(coco, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(coco, f, ensure_ascii=False)
+    return [path]
+
+
+def _per_image(coco):
+    anns = {}
+    for a in coco.get("annotations", []):
+        anns.setdefault(a["image_id"], []).append(a)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    return anns, names
+
+
+def write_voc(coco, out_dir):
+    anns, names = _per_image(coco)
+    written = []
+    for img in coco["images"]:
+        root = ET.Element("annotation")
+        ET.SubElement(root, "filename").text = img["file_name"]
+        size = ET.SubElement(root, "size")
+        for k, v in (("width", img["width"]), ("height", img["height"]), ("depth", 3)):
+            ET.SubElement(size, k).text = str(v)
+        for a in anns.get(img["id"], []):
+            obj = ET.SubElement(root, "object")
+            ET.SubElement(obj, "name").text = names[a["category_id"]]
+            ET.SubElement(obj, "difficult").text = "0"
+            x, y, w, h = a["bbox"]
+            bb = ET.SubElement(obj, "bndbox")
+            for k, v in (("xmin", x + 1), ("ymin", y + 1), ("xmax", x + w), ("ymax", y + h)):
+                ET.SubElement(bb, k).text = str(_num(v))
+        path = os.path.join(out_dir, os.path.splitext(img["file_name"])[0] + ".xml")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ET.ElementTree(root).write(path, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def write_yolo(coco, out_dir):
+    anns, _ = _per_image(coco)
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, "classes.txt")]
+    with open(written[0], "w", encoding="utf-8") as f:
+        f.write("".join(c["name"] + "\n" for c in cats))
+    for img in coco["images"]:
+        W, H = img["width"], img["height"]
+        lines = []
+        for a in anns.get(img["id"], []):
+            x, y, w, h = a["bbox"]
+            lines.append(f"{index[a['category_id']]} {(x + w / 2) / W:.8f} {(y + h / 2) / H:.8f} {w / W:.8f} {h / H:.8f}\n")
+        path = os.path.join(out_dir, os.path.splitext(img["file_name"])[0] + ".txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(lines))
+        written.append(path)
+    return written
+
+
+def write_labelme(coco, out_dir, image_root):
+    anns, names = _per_image(coco)
+    written = []
+    for img in coco["images"]:
+        path = os.path.join(out_dir, os.path.splitext(img["file_name"])[0] + ".json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shapes = []
+        for a in anns.get(img["id"], []):
+            x, y, w, h = a["bbox"]
+            shapes.append({"label": names[a["category_id"]], "points": [[x, y], [x + w, y + h]],
+                           "shape_type": "rectangle", "group_id": None, "flags": {}})
+        d = {"version": "5.0.1", "flags": {}, "shapes": shapes, "imageData": None,
+             "imagePath": os.path.relpath(os.path.join(image_root, img["file_name"]), os.path.dirname(path)),
+             "imageHeight": img["height"], "imageWidth": img["width"]}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(d, f, ensure_ascii=False, indent=1)
+        written.append(path)
+    return written
+
+
+def write_dataset(coco, fmt, out, image_root=None):
+    """Write a COCO dict as ``fmt`` to ``out`` (a json file for coco, else a folder). Returns the files."""
+    if fmt == "coco":
+        return write_coco(coco, out)
+    if fmt == "voc":
+        return write_voc(coco, out)
+    if fmt == "yolo":
+        return write_yolo(coco, out)
+    if fmt == "labelme":
+        return write_labelme(coco, out, image_root)
+    raise ValueError(f"unknown dataset format {fmt!r}; use one of {FORMATS}")

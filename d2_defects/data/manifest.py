@@ -1,0 +1,221 @@
+"""Registering datasets without code: :func:`register_defect_dataset` and YAML manifests.
+
+A manifest lists datasets; relative paths resolve against the manifest's folder::
+
+    datasets:
+      - name: bottle_train
+        format: voc                 # coco | voc | yolo | labelme
+        annotations: bottle/Annotations
+        images: bottle/JPEGImages
+        classes: [瓶盖破损, 瓶盖变形]  # optional: fixes the class order; other labels are reported
+        class_weights: [0.6, 0.4]   # optional, for the competition scores
+        ignore: [背景]               # optional: dropped with their boxes, count logged
+        validation: warn            # optional: overrides DATASETS.VALIDATION for this entry
+
+``DATASETS.MANIFEST`` (or ``train_net.py --manifest``) registers every entry at setup in every process;
+``DATASETS.TRAIN`` / ``DATASETS.TEST`` then name them.
+"""
+import logging
+import os
+
+import yaml
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .coco import (
+    VALIDATION_MODES,
+    DatasetError,
+    _CachedLoader,
+    _json_is_faithful,
+    _set_metadata,
+    apply_ignore,
+    load_coco_dict,
+    register_coco_defects,
+)
+from .formats import FORMATS, read_dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_manifest", "register_defect_dataset", "register_manifest", "register_from_config"]
+
+_KEYS = {"name", "format", "annotations", "images", "classes", "class_weights", "ignore", "validation"}
+
+
+class _FormatLoader:
+    """Reads a non-COCO dataset once (shared by the metadata and the records)."""
+
+    def __init__(self, fmt, annotations, images, classes):
+        self.args = (fmt, annotations, images, classes)
+        self._coco = None
+
+    def coco(self):
+        if self._coco is None:
+            self._coco = read_dataset(*self.args)
+        return self._coco
+
+    def load(self, name, validation, ignore):
+        return load_coco_dict(self.coco(), self.args[1], self.args[2], name, validation=validation, ignore=ignore)
+
+
+def register_defect_dataset(name, format, annotations, images, classes=None, class_weights=None, ignore=(),
+                            validation="error"):
+    """
+    Register a dataset of any supported format under ``name`` (replacing an earlier registration).
+
+    Args:
+        name (str): the name ``DATASETS.TRAIN`` / ``TEST`` use.
+        format (str): "coco", "voc", "yolo" or "labelme" (see :mod:`d2_defects.data.formats`).
+        annotations (str): COCO json file, or the annotation folder of the other formats.
+        images (str): image folder.
+        classes (list[str] or None): class names in contiguous-id order (None: from the data).
+        class_weights (list[float] or None): one weight per class (competition scores).
+        ignore (iterable[str]): class names dropped with their boxes.
+        validation (str): "error", "warn", "clip" or "none" (see :mod:`d2_defects.data.coco`).
+
+    Returns:
+        Metadata: the dataset's metadata (``thing_classes``, ``thing_dataset_id_to_contiguous_id``, ...).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"dataset {name}: unknown format {format!r}; use one of {FORMATS}")
+    if validation not in VALIDATION_MODES:
+        raise ValueError(f"dataset {name}: validation must be one of {VALIDATION_MODES}, got {validation!r}")
+    ignore = tuple(ignore or ())
+    if format == "coco" and classes is None:
+        meta = register_coco_defects(name, annotations, images, validation=validation,
+                                     class_weights=class_weights, ignore=ignore)
+        return meta
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    reader = _FormatLoader(format, annotations, images, list(classes) if classes is not None else None)
+    if classes is not None:
+        cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes) if n not in ignore]
+    else:
+        coco, _ = apply_ignore(reader.coco(), ignore, annotations)
+        cats = sorted(coco["categories"], key=lambda c: c["id"])
+    meta = MetadataCatalog.get(name)
+    extra = {"json_file": annotations} if format == "coco" and _json_is_faithful(validation, ignore) else {}
+    _set_metadata(meta, cats, class_weights, image_root=images, dataset_format=format,
+                  annotation_path=annotations, ignore=list(ignore), source_classes=classes, **extra)
+    files = [annotations] if os.path.isfile(annotations) else []
+    DatasetCatalog.register(name, _CachedLoader(reader.load, files, name=name, validation=validation,
+                                                ignore=ignore))
+    return meta
+
+
+def load_manifest(path):
+    """
+    Parse a manifest and check its entries.
+
+    Returns:
+        list[dict]: entries with absolute paths and every key present (``None`` when not given).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"datasets manifest not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise DatasetError(path, [f"not a valid YAML file: {e}"]) from None
+    entries = data.get("datasets") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise DatasetError(path, ["expected a list of datasets under 'datasets:'"])
+    base = os.path.dirname(os.path.abspath(path))
+    out, problems, names = [], [], set()
+    for i, e in enumerate(entries):
+        label = e.get("name", "?") if isinstance(e, dict) else repr(e)
+        where = f"entry {i} ({label})"
+        if not isinstance(e, dict):
+            problems.append(f"{where}: expected a mapping with name, format, annotations, images")
+            continue
+        missing = [k for k in ("name", "format", "annotations", "images") if not e.get(k)]
+        unknown = sorted(set(e) - _KEYS)
+        if missing:
+            problems.append(f"{where}: missing key(s) {missing}")
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {unknown} (known: {sorted(_KEYS)})")
+        if e.get("format") and e["format"] not in FORMATS:
+            problems.append(f"{where}: unknown format {e['format']!r} (use one of {list(FORMATS)})")
+        if e.get("validation") is not None and e["validation"] not in VALIDATION_MODES:
+            problems.append(f"{where}: validation must be one of {list(VALIDATION_MODES)}")
+        if e.get("name") in names:
+            problems.append(f"{where}: duplicate dataset name")
+        names.add(e.get("name"))
+        if missing or unknown:
+            continue
+        entry = {k: e.get(k) for k in _KEYS}
+        for k in ("annotations", "images"):
+            entry[k] = os.path.normpath(os.path.join(base, os.path.expanduser(str(e[k]))))
+        for k in ("classes", "ignore"):
+            if entry[k] is not None:
+                entry[k] = [str(c) for c in entry[k]]
+        out.append(entry)
+    if problems:
+        raise DatasetError(path, problems)
+    return out
+
+
+def _shared_classes(entries, ignore):
+    """
+    Class list for the non-COCO entries that give none: the sorted union of the labels of all those
+    entries (without ignored ones), so that train and test splits get the same contiguous ids even
+    when a split lacks a class. None if there are no such entries.
+    """
+    todo = [e for e in entries if e["classes"] is None and e["format"] != "coco"]
+    if not todo:
+        return None
+    names = set()
+    for e in todo:
+        coco = read_dataset(e["format"], e["annotations"], e["images"])
+        skip = set(ignore) | set(e["ignore"] or [])
+        names |= {c["name"] for c in coco["categories"] if c["name"] not in skip}
+    return sorted(names)
+
+
+def register_manifest(path, validation="error", ignore=()):
+    """
+    Register every dataset of a manifest.
+
+    Args:
+        validation (str): mode for entries without their own ``validation``.
+        ignore (iterable[str]): class names ignored in every entry (added to each entry's ``ignore``).
+
+    Returns:
+        list[str]: the names registered.
+    """
+    names = []
+    entries = load_manifest(path)
+    shared = _shared_classes(entries, ignore)
+    for e in entries:
+        classes = e["classes"]
+        if classes is None and e["format"] != "coco":
+            classes = shared
+        register_defect_dataset(
+            e["name"], e["format"], e["annotations"], e["images"], classes=classes,
+            class_weights=e["class_weights"], ignore=list(ignore) + list(e["ignore"] or []),
+            validation=e["validation"] or validation,
+        )
+        MetadataCatalog.get(e["name"]).set(manifest=os.path.abspath(path))
+        names.append(e["name"])
+    logger.info(f"Registered {len(names)} dataset(s) from {path}: {', '.join(names)}")
+    return names
+
+
+def register_from_config(cfg, check=("TRAIN", "TEST")):
+    """
+    Register ``cfg.DATASETS.MANIFEST`` and check that the dataset names of ``DATASETS.<check>`` exist.
+    Also checks the ``DATASETS.VALIDATION`` and ``INPUT.*`` augmentation values (``ValueError`` naming the key).
+    """
+    from .augment import check_augmentation_config
+
+    check_augmentation_config(cfg)
+    if cfg.DATASETS.VALIDATION not in VALIDATION_MODES:
+        raise ValueError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {cfg.DATASETS.VALIDATION!r}")
+    names = []
+    if cfg.DATASETS.MANIFEST:
+        names = register_manifest(cfg.DATASETS.MANIFEST, cfg.DATASETS.VALIDATION, cfg.DATASETS.IGNORE_CATEGORIES)
+    registered = set(DatasetCatalog.list())
+    unknown = [n for key in check for n in cfg.DATASETS[key] if n not in registered]
+    if unknown:
+        where = f" (manifest {cfg.DATASETS.MANIFEST} has: {', '.join(names)})" if cfg.DATASETS.MANIFEST else ""
+        raise DatasetError("DATASETS." + "/".join(check), [f"dataset '{n}' is not registered{where}" for n in unknown])
+    return names

@@ -14,6 +14,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DefectCheckpointer
+from ..modeling.freeze import freeze_model
 from ..utils.report import write_eval_report
 
 __all__ = ["Trainer", "ddp_kwargs"]
@@ -68,6 +69,13 @@ class Trainer(DefaultTrainer):
         """Run training; return the last evaluation results (``OrderedDict``, possibly empty)."""
         super().train()
         return getattr(self, "_last_eval_results", OrderedDict())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model, then ``MODEL.FREEZE`` applied (logs the number of trainable parameters)."""
+        model = super().build_model(cfg)
+        freeze_model(model, cfg.MODEL.FREEZE.SCHEME, list(cfg.MODEL.FREEZE.PATTERNS))
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

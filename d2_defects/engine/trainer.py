@@ -74,7 +74,8 @@ class Trainer(DefaultTrainer):
     def build_model(cls, cfg):
         """Detectron2's model, then ``MODEL.FREEZE`` applied (logs the number of trainable parameters)."""
         model = super().build_model(cfg)
-        freeze_model(model, cfg.MODEL.FREEZE.SCHEME, list(cfg.MODEL.FREEZE.PATTERNS))
+        _, _, summary = freeze_model(model, cfg.MODEL.FREEZE.SCHEME, list(cfg.MODEL.FREEZE.PATTERNS))
+        logging.getLogger("detectron2").info(summary)
         return model
 
     @classmethod

@@ -4,15 +4,12 @@ Frozen parameters get ``requires_grad=False``: they receive no gradient, and Det
 skips them, so they have no optimizer state and weight decay/momentum never touch them. BatchNorm layers whose
 parameters are all frozen become ``FrozenBatchNorm2d`` so that their running statistics stay fixed too.
 """
-import logging
 import re
 
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 __all__ = ["FREEZE_SCHEMES", "HEAD_MODULES", "freeze_model", "frozen_parameter_names"]
-
-logger = logging.getLogger(__name__)
 
 FREEZE_SCHEMES = ("none", "backbone", "backbone+fpn", "all_but_heads")
 # top-level modules that "all_but_heads" keeps trainable: R-CNN box heads, dense detector heads, image head
@@ -75,8 +72,10 @@ def _freeze_batchnorms(module):
 
 def freeze_model(model, scheme="none", patterns=()):
     """
-    Freeze (in place) what :func:`frozen_parameter_names` selects; log and return the number of trainable
-    parameters.
+    Freeze (in place) what :func:`frozen_parameter_names` selects.
+
+    Returns:
+        (int, int, str): trainable and total number of parameters, and a one-line summary to log.
     """
     model_ = _unwrap(model)
     frozen = set(frozen_parameter_names(model_, scheme, patterns))
@@ -87,8 +86,8 @@ def freeze_model(model, scheme="none", patterns=()):
         _freeze_batchnorms(model_)
     total = sum(p.numel() for p in model_.parameters())
     trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)
-    logger.info(
+    summary = (
         f"Trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.1f}%), "
         f"MODEL.FREEZE.SCHEME={scheme!r}, {len(patterns)} pattern(s), {len(frozen)} tensors frozen"
     )
-    return trainable
+    return trainable, total, summary

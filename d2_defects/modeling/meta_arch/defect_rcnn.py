@@ -7,6 +7,7 @@ The competitions score an image-level decision (ACC: does the image contain a de
 the threshold return no boxes without running the RPN and ROI heads, which saves most of the head time on
 the many normal images of a production line.
 """
+import logging
 from typing import Dict, List, Optional
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["DefectRCNN", "ImageDefectHead"]
+
+logger = logging.getLogger(__name__)
 
 
 class ImageDefectHead(nn.Module):
@@ -84,6 +87,11 @@ class DefectRCNN(GeneralizedRCNN):
             raise ValueError(f"MODEL.DEFECT_RCNN.HIDDEN_DIM must be >= 1, got {c.HIDDEN_DIM}")
         if ret["proposal_generator"] is None:
             raise ValueError("DefectRCNN needs a proposal generator (MODEL.PROPOSAL_GENERATOR.NAME)")
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            logger.warning(
+                "DefectRCNN: DATALOADER.FILTER_EMPTY_ANNOTATIONS is True, so the image head sees no normal image "
+                "(negative) in training; set it to False"
+            )
         ret.update(
             image_head=ImageDefectHead([shapes[f].channels for f in c.IN_FEATURES], c.HIDDEN_DIM),
             image_in_features=list(c.IN_FEATURES),

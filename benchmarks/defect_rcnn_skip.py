@@ -55,6 +55,7 @@ def main():
     p.add_argument("--dataset", default=None, help="test dataset (default: the config's DATASETS.TEST[0])")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.5])
     p.add_argument("--box-thresh", type=float, default=0.3, help="detection score that makes an image 'defect'")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args()
@@ -66,7 +67,11 @@ def main():
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(args.weights)
     loader = build_detection_test_loader(cfg, dataset)
-    inputs = [[dict(x, has_defect=has_defect[x["image_id"]]) for x in batch] for batch in loader]
+    inputs = []
+    for batch in loader:
+        if args.max_images is not None and len(inputs) >= args.max_images:
+            break
+        inputs.append([dict(x, has_defect=has_defect[x["image_id"]]) for x in batch])
     evaluator = COCOEvaluator(dataset, tasks=("bbox",), output_dir=None)
     run(model, inputs[:5], 0.0, evaluator, args.box_thresh)  # warm-up
     rows = [run(model, inputs, t, evaluator, args.box_thresh) for t in args.thresholds]

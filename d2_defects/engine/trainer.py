@@ -16,6 +16,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DefectCheckpointer
 from ..evaluation import DefectEvaluator
+from ..modeling.freeze import freeze_model
 from ..utils.report import write_eval_report
 from .swa import SWALRMultiplier, build_swa_hook, swa_max_iter
 
@@ -91,6 +92,12 @@ class Trainer(DefaultTrainer):
             writers = [i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)]
             hooks.insert(writers[0] if writers else len(hooks), build_swa_hook(self))
         return hooks
+    def build_model(cls, cfg):
+        """Detectron2's model, then ``MODEL.FREEZE`` applied (logs the number of trainable parameters)."""
+        model = super().build_model(cfg)
+        _, _, summary = freeze_model(model, cfg.MODEL.FREEZE.SCHEME, list(cfg.MODEL.FREEZE.PATTERNS))
+        logging.getLogger("detectron2").info(summary)
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,0 +1,2 @@
+from .defect_rcnn import DefectRCNN, ImageDefectHead  # noqa: F401
+from .fcos import DefectFCOS  # noqa: F401

@@ -18,4 +18,17 @@ def add_defects_config(cfg):
     # Device: the code is device-agnostic; default to CUDA when present, else CPU.
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+    _add_tta_config(cfg)
     return cfg
+
+
+def _add_tta_config(cfg):
+    """Test-time augmentation (``d2_defects.modeling.tta``), on top of Detectron2's ``TEST.AUG`` keys
+    (``ENABLED``, ``MIN_SIZES`` short sides in px, ``MAX_SIZE`` px, ``FLIP`` horizontal flip)."""
+    # Also run every size vertically flipped (defects have no "up"), bool.
+    cfg.TEST.AUG.VFLIP = False
+    # How the detections of the augmented inputs are merged: "nms", "soft_nms" (MODEL.SOFT_NMS settings)
+    # or "wbf" (weighted boxes fusion, ensemble-boxes).
+    cfg.TEST.AUG.MERGE = "nms"
+    # IoU above which boxes of one class are fused by "wbf" (fraction).
+    cfg.TEST.AUG.WBF_IOU_THRESH = 0.55

@@ -118,8 +118,12 @@ class DefectTTA(nn.Module):
                 boxes.append(b)
                 scores.append(inst.scores)
                 classes.append(inst.pred_classes)
-        b, s, c = merge_detections(boxes, scores, classes, (h, w), self.options["merge"], self.params,
-                                   wbf_iou_thresh=self.options["wbf_iou_thresh"])
+        if len(boxes) == 1:
+            # one view: the model's own detections (re-running NMS on clipped boxes could drop some)
+            b, s, c = boxes[0], scores[0], classes[0]
+        else:
+            b, s, c = merge_detections(boxes, scores, classes, (h, w), self.options["merge"], self.params,
+                                       wbf_iou_thresh=self.options["wbf_iou_thresh"])
         result = Instances((h, w))
         result.pred_boxes = Boxes(b)
         result.scores = s

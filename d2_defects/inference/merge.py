@@ -38,7 +38,7 @@ def with_soft_nms(params: PostprocessParams):
     return None
 
 
-def _soft_nms_fallback(boxes, scores, classes, params, iou_threshold=0.3, prune=0.001):
+def _soft_nms_fallback(boxes, scores, classes, params, iou_threshold=0.5, prune=0.001):
     """
     Linear soft-NMS (Bodla et al. 2017) per class, for postprocessors without soft-NMS: a box's score is
     multiplied by ``1 - IoU`` with every higher-scoring kept box it overlaps by more than ``iou_threshold``;

@@ -60,8 +60,7 @@ def run(args):
         raise UserError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
     files = list_images(args.input)
     meta = _metadata(cfg, args.dataset)
-    writer = ResultsWriter(args.output, meta, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                           overwrite=args.overwrite, draw=args.draw, draw_threshold=args.draw_threshold)
+    writer = ResultsWriter(args.output, meta, overwrite=args.overwrite, draw=args.draw, draw_threshold=args.draw_threshold)
     try:
         predictor = BatchPredictor(cfg)
     except ValueError as e:  # config values checked when the model is built
@@ -88,7 +87,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (UserError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
 

@@ -50,8 +50,8 @@ class ResultsWriter:
             classes = [f"class_{i}" for i in range(num_classes or 0)]
         self.class_names = classes
         id_map = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
-        # contiguous id -> category id written to results.json (the dataset's ids when known)
-        self.category_ids = {v: k for k, v in id_map.items()} if id_map else {i: i for i in range(len(classes))}
+        # contiguous id -> category id written to results.json (the dataset's ids when known, else the same)
+        self.category_ids = {v: k for k, v in id_map.items()} if id_map else None
         self.draw, self.draw_threshold = draw, draw_threshold
         self.vis_dir = os.path.join(output_dir, "vis")
         check_can_write([os.path.join(output_dir, f) for f in OUTPUT_FILES]
@@ -79,10 +79,11 @@ class ResultsWriter:
         scores = instances.scores.numpy().tolist()
         classes = instances.pred_classes.numpy().tolist()
         for box, score, c in zip(boxes, scores, classes):
-            if c not in self.category_ids:
-                raise ValueError(f"{file_name}: predicted class {c} but the metadata has {len(self.class_names)}")
+            if self.category_ids is not None and c not in self.category_ids:
+                raise ValueError(f"{file_name}: predicted class {c}, but the dataset metadata has only "
+                                 f"{len(self.class_names)} classes (does the model match the dataset?)")
             self.detections.append({
-                "image_id": image_id, "category_id": int(self.category_ids[c]),
+                "image_id": image_id, "category_id": int(self.category_ids[c] if self.category_ids else c),
                 "bbox": [round(float(v), 3) for v in BoxMode.convert(box.tolist(), BoxMode.XYXY_ABS,
                                                                       BoxMode.XYWH_ABS)],
                 "score": round(float(score), 5), "_xyxy": box.tolist(), "_class": c, "_file": file_name,
@@ -109,8 +110,12 @@ class ResultsWriter:
     def close(self):
         """Write the result files; return the path of ``results.json``."""
         results = [{k: v for k, v in d.items() if not k.startswith("_")} for d in self.detections]
-        cats = [{"id": int(self.category_ids[i]), "name": n} for i, n in enumerate(self.class_names)
-                if i in self.category_ids]
+        if self.category_ids is not None:
+            cats = [{"id": int(self.category_ids[i]), "name": n} for i, n in enumerate(self.class_names)
+                    if i in self.category_ids]
+        else:
+            seen = sorted({d["_class"] for d in self.detections} | set(range(len(self.class_names))))
+            cats = [{"id": c, "name": self._class_name(c)} for c in seen]
         _atomic_json(os.path.join(self.output_dir, "images.json"), {"images": self.images, "categories": cats})
         with open(os.path.join(self.output_dir, "results.csv"), "w", newline="") as f:
             wr = csv.writer(f)

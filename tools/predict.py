@@ -10,7 +10,6 @@ and skipped. Existing results are never replaced without --overwrite.
 """
 import argparse
 import logging
-import os
 import sys
 
 from tqdm import tqdm

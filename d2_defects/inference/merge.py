@@ -8,19 +8,16 @@
 - ``"wbf"``: weighted boxes fusion (``ensemble_boxes.weighted_boxes_fusion``), then top-k.
 """
 import dataclasses
-import logging
 
 import numpy as np
 import torch
-from detectron2.structures import pairwise_iou, Boxes
+from detectron2.structures import Boxes, pairwise_iou
 
 from ..modeling.postprocess import PostprocessParams, select_detections
 
 __all__ = ["MERGE_METHODS", "merge_detections", "with_soft_nms"]
 
 MERGE_METHODS = ("nms", "soft_nms", "wbf")
-
-logger = logging.getLogger(__name__)
 
 # Names a PostprocessParams may use for its soft-NMS switch (bool field).
 _SOFT_NMS_FLAGS = ("soft_nms_enabled", "soft_nms", "use_soft_nms")

@@ -127,6 +127,31 @@ def test_tta_flips_are_mapped_back(models, val_records, flip_key):
     assert not (len(only_identity) == len(a) and torch.allclose(only_identity.scores, a.scores))
 
 
+class _WithImageScore(torch.nn.Module):
+    """A detector that also outputs an image-level score (here: the mean of its input image / 255)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs):
+        outs = self.model(inputs)
+        return [dict(o, defect_score=float(x["image"].float().mean() / 255)) for o, x in zip(outs, inputs)]
+
+
+def test_tta_averages_image_level_scores(models, val_records):
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    cfg = _cfg("TEST.AUG.MIN_SIZES", "(96, 128)", "TEST.AUG.MAX_SIZE", "200", "TEST.AUG.FLIP", "True")
+    inp = DatasetMapper(cfg, is_train=False, augmentations=[])(val_records[0])
+    out = DefectTTA(cfg, _WithImageScore(models["cascade"])).eval()([inp])[0]
+    hwc = inp["image"].permute(1, 2, 0).numpy()
+    # a flip does not change the mean: the score is the mean over the two sizes
+    means = [ResizeShortestEdge(s, 200, "choice").get_transform(hwc).apply_image(hwc).mean() / 255 for s in (96, 128)]
+    assert out["defect_score"] == pytest.approx(float(np.mean(means)), abs=1e-6)
+    assert len(out["instances"]) > 0
+
+
 def test_tta_config_errors_name_the_key(models):
     for key, value in (("TEST.AUG.MERGE", "mean"), ("TEST.AUG.MIN_SIZES", "()"), ("TEST.AUG.WBF_IOU_THRESH", "1.5")):
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):

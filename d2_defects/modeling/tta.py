@@ -8,7 +8,8 @@ boxes rescaled to the input's ``height``/``width``), so it also wraps one-stage 
 Each input image is resized to every ``TEST.AUG.MIN_SIZES`` short side (long side capped at
 ``TEST.AUG.MAX_SIZE``), optionally flipped horizontally (``TEST.AUG.FLIP``) and vertically
 (``TEST.AUG.VFLIP``); the model runs on all of them, boxes are flipped back in the original image's
-coordinates and merged with ``TEST.AUG.MERGE`` (see :mod:`d2_defects.inference.merge`).
+coordinates and merged with ``TEST.AUG.MERGE`` (see :mod:`d2_defects.inference.merge`). Image-level scalar
+outputs next to ``instances`` (e.g. an image defect score) are averaged over the views.
 """
 import torch
 from detectron2.data.transforms import ResizeShortestEdge
@@ -103,12 +104,13 @@ class DefectTTA(nn.Module):
         image = inp["image"]
         h, w = int(inp.get("height", image.shape[-2])), int(inp.get("width", image.shape[-1]))
         augmented = list(self._augmented_images(image))
-        boxes, scores, classes = [], [], []
+        boxes, scores, classes, extras = [], [], [], []
         for i in range(0, len(augmented), self.batch_size):
             chunk = augmented[i:i + self.batch_size]
             outs = self.model([{"image": img, "height": h, "width": w} for img, _, _ in chunk])
             for (_, hflip, vflip), out in zip(chunk, outs):
                 inst = out["instances"]
+                extras.append({k: v for k, v in out.items() if k != "instances"})
                 b = inst.pred_boxes.tensor.clone()
                 # boxes are already in the original image's coordinates: undo the flips there
                 if hflip:
@@ -128,4 +130,10 @@ class DefectTTA(nn.Module):
         result.pred_boxes = Boxes(b)
         result.scores = s
         result.pred_classes = c
-        return {"instances": result}
+        ret = {"instances": result}
+        # image-level scalars some models add (e.g. DefectRCNN's "defect_score"): mean over the views
+        for k, v in extras[0].items():
+            vals = [e.get(k) for e in extras]
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+                ret[k] = float(sum(vals) / len(vals))
+        return ret

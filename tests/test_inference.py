@@ -1,4 +1,5 @@
 """Inference for users: test-time augmentation, merging/ensembling, predict/ensemble/export tools."""
+import glob
 import json
 import os
 import shutil
@@ -87,11 +88,19 @@ def _assert_same(a, b, atol=1e-3):
 # test-time augmentation
 
 
-@pytest.mark.parametrize("arch,merge", [("cascade", "nms"), ("retinanet", "wbf")])
-def test_tta_with_identity_transform_equals_plain_inference(models, val_records, arch, merge):
-    opts = RETINANET if arch == "retinanet" else []
-    cfg = _cfg(*opts, *IDENTITY_TTA, "TEST.AUG.MERGE", merge)
-    model = models[arch]
+SYNTHETIC_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "synthetic", "*.yaml")))
+
+
+@pytest.mark.parametrize("config,merge", [(c, "nms") for c in SYNTHETIC_CONFIGS] + [("retinanet", "wbf")],
+                         ids=lambda v: os.path.basename(str(v)))
+def test_tta_with_identity_transform_equals_plain_inference(models, val_records, config, merge):
+    """Every meta-architecture of the project's configs (and Detectron2's one-stage RetinaNet)."""
+    if config == "retinanet":
+        cfg, model = _cfg(*RETINANET, *IDENTITY_TTA, "TEST.AUG.MERGE", merge), models["retinanet"]
+    else:
+        cfg = load_config(config, TINY_OPTS + IDENTITY_TTA + ["TEST.AUG.MERGE", merge])
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
     recs = val_records[:2]
     plain_inputs = [DatasetMapper(cfg, is_train=False)(r) for r in recs]  # resized by the test mapper
     full_inputs = [DatasetMapper(cfg, is_train=False, augmentations=[])(r) for r in recs]  # full resolution

@@ -27,8 +27,8 @@ def _add_tta_config(cfg):
     (``ENABLED``, ``MIN_SIZES`` short sides in px, ``MAX_SIZE`` px, ``FLIP`` horizontal flip)."""
     # Also run every size vertically flipped (defects have no "up"), bool.
     cfg.TEST.AUG.VFLIP = False
-    # How the detections of the augmented inputs are merged: "nms", "soft_nms" (MODEL.SOFT_NMS settings)
-    # or "wbf" (weighted boxes fusion, ensemble-boxes).
+    # How the detections of the augmented inputs are merged: "nms" (the heads' postprocessing: hard NMS, or
+    # soft-NMS when MODEL.SOFT_NMS.ENABLED), "soft_nms" (always soft-NMS) or "wbf" (weighted boxes fusion).
     cfg.TEST.AUG.MERGE = "nms"
     # IoU above which boxes of one class are fused by "wbf" (fraction).
     cfg.TEST.AUG.WBF_IOU_THRESH = 0.55

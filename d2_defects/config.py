@@ -166,3 +166,17 @@ def _add_models_config(cfg):
     _C.MODEL.FREEZE = CN()
     _C.MODEL.FREEZE.SCHEME = "none"  # "none", "backbone", "backbone+fpn", "all_but_heads"
     _C.MODEL.FREEZE.PATTERNS = []  # extra regexes (re.search on parameter names) of parameters to freeze
+    _add_tta_config(cfg)
+    return cfg
+
+
+def _add_tta_config(cfg):
+    """Test-time augmentation (``d2_defects.modeling.tta``), on top of Detectron2's ``TEST.AUG`` keys
+    (``ENABLED``, ``MIN_SIZES`` short sides in px, ``MAX_SIZE`` px, ``FLIP`` horizontal flip)."""
+    # Also run every size vertically flipped (defects have no "up"), bool.
+    cfg.TEST.AUG.VFLIP = False
+    # How the detections of the augmented inputs are merged: "nms" (the heads' postprocessing: hard NMS, or
+    # soft-NMS when MODEL.SOFT_NMS.ENABLED), "soft_nms" (always soft-NMS) or "wbf" (weighted boxes fusion).
+    cfg.TEST.AUG.MERGE = "nms"
+    # IoU above which boxes of one class are fused by "wbf" (fraction).
+    cfg.TEST.AUG.WBF_IOU_THRESH = 0.55

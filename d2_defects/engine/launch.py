@@ -79,6 +79,15 @@ def setup(args):
     return cfg
 
 
+def _check_tta_config(cfg):
+    from ..modeling.tta import tta_options
+
+    try:
+        tta_options(cfg)
+    except ValueError as e:
+        raise UserError(f"config error: {e}") from None
+
+
 def main(args):
     from .trainer import Trainer
 
@@ -86,9 +95,14 @@ def main(args):
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:
             raise UserError("--eval-only needs MODEL.WEIGHTS path/to/model.pth (or --resume)")
+        if cfg.TEST.AUG.ENABLED:
+            _check_tta_config(cfg)
         model = Trainer.build_model(cfg)
         DefectCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
+        return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

@@ -133,3 +133,29 @@ class Trainer(DefaultTrainer):
         )
         mapper = build_defect_train_mapper(cfg, dataset_dicts=dataset)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+    def test_with_TTA(cls, cfg, model):
+        """
+        Evaluate ``model`` wrapped in :class:`DefectTTA` (``TEST.AUG.*``) on every ``DATASETS.TEST`` entry.
+        Images are loaded at full resolution (the augmentation resizes them). Results are keyed
+        ``<task>_TTA`` and also written to ``OUTPUT_DIR/eval_tta_results.json`` and ``eval_tta_tables.md``.
+        """
+        from detectron2.data import DatasetMapper, build_detection_test_loader
+        from detectron2.evaluation import inference_on_dataset
+
+        from ..modeling.tta import DefectTTA
+
+        logging.getLogger("d2_defects").info("Running inference with test-time augmentation ...")
+        tta_model = DefectTTA(cfg, model)
+        results = OrderedDict()
+        for name in cfg.DATASETS.TEST:
+            loader = build_detection_test_loader(
+                cfg, name, mapper=DatasetMapper(cfg, is_train=False, augmentations=[])
+            )
+            evaluator = cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            results[name] = inference_on_dataset(tta_model, loader, evaluator)
+        if len(results) == 1:
+            results = list(results.values())[0]
+        results = OrderedDict((k + "_TTA", v) for k, v in results.items())
+        if comm.is_main_process() and results:
+            write_eval_report(results, cfg.OUTPUT_DIR, prefix="eval_tta")
+        return results

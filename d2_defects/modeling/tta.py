@@ -1,0 +1,139 @@
+"""Test-time augmentation for every meta-architecture of the project.
+
+Detectron2's ``GeneralizedRCNNWithTTA`` only accepts a ``GeneralizedRCNN``, reaches into its ROI heads and
+merges with hard NMS. :class:`DefectTTA` only uses the standard inference contract shared by every
+meta-architecture that returns ``instances`` (``model(list[dict]) -> list[{"instances": Instances}]``,
+boxes rescaled to the input's ``height``/``width``), so it also wraps one-stage detectors.
+
+Each input image is resized to every ``TEST.AUG.MIN_SIZES`` short side (long side capped at
+``TEST.AUG.MAX_SIZE``), optionally flipped horizontally (``TEST.AUG.FLIP``) and vertically
+(``TEST.AUG.VFLIP``); the model runs on all of them, boxes are flipped back in the original image's
+coordinates and merged with ``TEST.AUG.MERGE`` (see :mod:`d2_defects.inference.merge`). Image-level scalar
+outputs next to ``instances`` (e.g. an image defect score) are averaged over the views.
+"""
+import torch
+from detectron2.data.transforms import ResizeShortestEdge
+from detectron2.structures import Boxes, Instances
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .postprocess import PostprocessParams
+
+__all__ = ["DefectTTA", "tta_options"]
+
+
+def tta_options(cfg):
+    """Validated ``TEST.AUG`` options: dict of min_sizes, max_size, flip, vflip, merge, wbf_iou_thresh."""
+    from ..inference.merge import MERGE_METHODS
+
+    aug = cfg.TEST.AUG
+    min_sizes = [int(s) for s in aug.MIN_SIZES]
+    if not min_sizes or min(min_sizes) <= 0:
+        raise ValueError(f"TEST.AUG.MIN_SIZES must be a non-empty list of positive sizes, got {aug.MIN_SIZES}")
+    if aug.MAX_SIZE <= 0:
+        raise ValueError(f"TEST.AUG.MAX_SIZE must be positive, got {aug.MAX_SIZE}")
+    if aug.MERGE not in MERGE_METHODS:
+        raise ValueError(f"TEST.AUG.MERGE must be one of {MERGE_METHODS}, got {aug.MERGE!r}")
+    if not 0 < aug.WBF_IOU_THRESH < 1:
+        raise ValueError(f"TEST.AUG.WBF_IOU_THRESH must be in (0, 1), got {aug.WBF_IOU_THRESH}")
+    if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
+        raise ValueError("TEST.AUG.ENABLED: test-time augmentation merges boxes only (MODEL.MASK_ON and "
+                         "MODEL.KEYPOINT_ON must be False)")
+    return dict(min_sizes=min_sizes, max_size=int(aug.MAX_SIZE), flip=bool(aug.FLIP), vflip=bool(aug.VFLIP),
+                merge=aug.MERGE, wbf_iou_thresh=float(aug.WBF_IOU_THRESH))
+
+
+class DefectTTA(nn.Module):
+    """
+    Wraps a detector; ``forward`` has the detector's inference interface. Inputs should hold the image at
+    its original resolution (the resizing is part of the augmentation), e.g. from a
+    ``DatasetMapper(cfg, is_train=False, augmentations=[])``; an image that was already resized is resized
+    again from its current size.
+    """
+
+    def __init__(self, cfg, model, batch_size=4):
+        """
+        Args:
+            cfg (CfgNode): reads ``TEST.AUG.*`` and the postprocessing keys.
+            model (nn.Module): any project detector (DDP-wrapped or not).
+            batch_size (int): augmented images per forward pass.
+        """
+        super().__init__()
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        self.model = model
+        self.options = tta_options(cfg)
+        self.params = PostprocessParams.from_config(cfg)
+        self.batch_size = batch_size
+
+    def augmentations(self):
+        """list of (min_size, hflip, vflip) in the order they are run."""
+        o = self.options
+        out = []
+        for s in o["min_sizes"]:
+            out.append((s, False, False))
+            if o["flip"]:
+                out.append((s, True, False))
+            if o["vflip"]:
+                out.append((s, False, True))
+        return out
+
+    def _augmented_images(self, image):
+        hwc = image.permute(1, 2, 0).cpu().numpy()
+        resized = {}
+        for s, hflip, vflip in self.augmentations():
+            if s not in resized:
+                tfm = ResizeShortestEdge(s, self.options["max_size"], "choice").get_transform(hwc)
+                resized[s] = torch.as_tensor(tfm.apply_image(hwc).copy()).permute(2, 0, 1)
+            img = resized[s]
+            if hflip:
+                img = img.flip(-1)
+            if vflip:
+                img = img.flip(-2)
+            yield img.contiguous(), hflip, vflip
+
+    def forward(self, batched_inputs):
+        if self.training:
+            raise RuntimeError("DefectTTA is for inference; call .eval() first")
+        return [self._inference_one(x) for x in batched_inputs]
+
+    @torch.no_grad()
+    def _inference_one(self, inp):
+        from ..inference.merge import merge_detections
+
+        image = inp["image"]
+        h, w = int(inp.get("height", image.shape[-2])), int(inp.get("width", image.shape[-1]))
+        augmented = list(self._augmented_images(image))
+        boxes, scores, classes, extras = [], [], [], []
+        for i in range(0, len(augmented), self.batch_size):
+            chunk = augmented[i:i + self.batch_size]
+            outs = self.model([{"image": img, "height": h, "width": w} for img, _, _ in chunk])
+            for (_, hflip, vflip), out in zip(chunk, outs):
+                inst = out["instances"]
+                extras.append({k: v for k, v in out.items() if k != "instances"})
+                b = inst.pred_boxes.tensor.clone()
+                # boxes are already in the original image's coordinates: undo the flips there
+                if hflip:
+                    b[:, [0, 2]] = w - b[:, [2, 0]]
+                if vflip:
+                    b[:, [1, 3]] = h - b[:, [3, 1]]
+                boxes.append(b)
+                scores.append(inst.scores)
+                classes.append(inst.pred_classes)
+        if len(boxes) == 1:
+            # one view: the model's own detections (re-running NMS on clipped boxes could drop some)
+            b, s, c = boxes[0], scores[0], classes[0]
+        else:
+            b, s, c = merge_detections(boxes, scores, classes, (h, w), self.options["merge"], self.params,
+                                       wbf_iou_thresh=self.options["wbf_iou_thresh"])
+        result = Instances((h, w))
+        result.pred_boxes = Boxes(b)
+        result.scores = s
+        result.pred_classes = c
+        ret = {"instances": result}
+        # image-level scalars some models add (e.g. DefectRCNN's "defect_score"): mean over the views
+        for k, v in extras[0].items():
+            vals = [e.get(k) for e in extras]
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+                ret[k] = float(sum(vals) / len(vals))
+        return ret

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Run a trained model on a folder (or glob) of images and write COCO results, a CSV and drawings.
+
+    python tools/predict.py --config-file configs/synthetic/cascade_r18_cpu.yaml --input images/ \\
+        --output output/predictions --draw MODEL.WEIGHTS output/demo/model_final.pth [TEST.AUG.ENABLED True]
+
+Writes into --output: results.json (COCO results), images.json (image ids -> file names and sizes),
+results.csv, skipped.txt (unreadable files) and, with --draw, vis/*.png. Unreadable images are reported
+and skipped. Existing results are never replaced without --overwrite.
+"""
+import argparse
+import logging
+import sys
+
+from tqdm import tqdm
+
+import d2_defects  # noqa: F401  registers datasets and models
+from d2_defects.checkpoint import CheckpointError
+from d2_defects.engine.launch import UserError, load_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, help="model config (yaml)")
+    p.add_argument("--input", required=True, help="image folder (recursive), glob pattern or one image file")
+    p.add_argument("--output", required=True, help="folder for the result files")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
+    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default 0)")
+    p.add_argument("--dataset", default=None,
+                   help="registered dataset whose class names/ids to use (default: first of DATASETS.TEST)")
+    p.add_argument("--draw", action="store_true", help="also write vis/<image>.png with the detections")
+    p.add_argument("--draw-threshold", type=float, default=0.3, help="hide detections below this score in PNGs")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (e.g. MODEL.WEIGHTS)")
+    return p.parse_args(argv)
+
+
+def _metadata(cfg, name):
+    from detectron2.data import MetadataCatalog
+
+    names = [name] if name else list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    for n in names:
+        meta = MetadataCatalog.get(n)
+        if getattr(meta, "thing_classes", None):
+            return meta
+    if name:
+        raise UserError(f"dataset {name} has no class names (is it registered?)")
+    return None
+
+
+def run(args):
+    from detectron2.data.detection_utils import convert_image_to_rgb
+    from d2_defects.inference import BatchPredictor, ResultsWriter, list_images
+
+    cfg = load_config(args.config_file, args.opts)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not cfg.MODEL.WEIGHTS:
+        raise UserError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
+    files = list_images(args.input)
+    meta = _metadata(cfg, args.dataset)
+    writer = ResultsWriter(args.output, meta, overwrite=args.overwrite, draw=args.draw, draw_threshold=args.draw_threshold)
+    try:
+        predictor = BatchPredictor(cfg)
+    except ValueError as e:  # config values checked when the model is built
+        raise UserError(f"config error: {e}") from None
+    n_det = 0
+    for image_id, (path, image, instances, error) in enumerate(
+        predictor.predict_files(files, args.batch_size, args.num_workers, progress=tqdm), start=1
+    ):
+        if error is not None:
+            tqdm.write(f"WARNING: skipped {error}", file=sys.stderr)
+            writer.skip(path, error)
+            continue
+        rgb = convert_image_to_rgb(image, cfg.INPUT.FORMAT) if args.draw else None
+        writer.add(image_id, path, instances, rgb=rgb)
+        n_det += len(instances)
+    out = writer.close()
+    print(f"{len(files) - len(writer.skipped)} images, {n_det} detections -> {out}"
+          + (f"; {len(writer.skipped)} unreadable files skipped (see skipped.txt)" if writer.skipped else ""))
+    return 0
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (UserError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

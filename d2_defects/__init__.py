@@ -4,8 +4,7 @@
 Detectron2's registries; ``add_defects_config(cfg)`` adds the project's config keys.
 """
 from . import data  # noqa: F401  registers the built-in datasets (when present on disk)
-from . import modeling  # noqa: F401  registers the ROI heads
-from . import modeling  # noqa: F401  registers meta-architectures and backbones
+from . import modeling  # noqa: F401  registers ROI heads, meta-architectures, backbones
 from .config import add_defects_config
 
 __version__ = "0.1.0"

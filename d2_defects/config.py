@@ -17,11 +17,13 @@ def add_defects_config(cfg):
     """
     # Device: the code is device-agnostic; default to CUDA when present, else CPU.
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    _add_roi_heads_config(cfg)
     _add_data_config(cfg)
     _add_models_config(cfg)
-
+    _add_roi_heads_config(cfg)
+    _add_soft_nms_config(cfg)
+    _add_swa_config(cfg)
     _add_defect_eval_config(cfg)
+    _add_tta_config(cfg)
     return cfg
 
 
@@ -43,8 +45,6 @@ def _add_defect_eval_config(cfg):
     cfg.TEST.DEFECT_EVAL.ACC_WEIGHT = 0.0
     # Weight of weighted_mAP in score (>= 0).
     cfg.TEST.DEFECT_EVAL.MAP_WEIGHT = 1.0
-    _add_soft_nms_config(cfg)
-    return cfg
 
 
 def _add_soft_nms_config(cfg):
@@ -79,8 +79,6 @@ def _add_roi_heads_config(cfg):
     cfg.MODEL.ROI_BOX_HEAD.IOU_BRANCH.STAGES = []
     # proposal sampler of the box head: "random" (Detectron2) or "ohem" (per-image top-loss proposals)
     cfg.MODEL.ROI_HEADS.SAMPLER = "random"
-    _add_swa_config(cfg)
-    return cfg
 
 
 def _add_swa_config(cfg):
@@ -166,8 +164,6 @@ def _add_models_config(cfg):
     _C.MODEL.FREEZE = CN()
     _C.MODEL.FREEZE.SCHEME = "none"  # "none", "backbone", "backbone+fpn", "all_but_heads"
     _C.MODEL.FREEZE.PATTERNS = []  # extra regexes (re.search on parameter names) of parameters to freeze
-    _add_tta_config(cfg)
-    return cfg
 
 
 def _add_tta_config(cfg):

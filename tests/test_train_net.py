@@ -91,7 +91,7 @@ def test_config_key_typo_is_one_line(synthetic_root, tmp_path):
 
 
 def test_two_cpu_processes_train(synthetic_root, tmp_path):
-    proc = run_train_net(["--config-file", SMALL_CONFIG, "--num-gpus", "2", *TINY_OPTS, *DS,
+    proc = run_train_net(["--config-file", SMALL_CONFIG, "--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, *DS,
                           "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)],
                          synthetic_root)
     assert (tmp_path / "model_final.pth").exists()

@@ -115,7 +115,8 @@ def run(args):
     """
     try:
         return main(args)
-    except (UserError,) + USER_ERRORS as e:
+    except (UserError, ValueError) + USER_ERRORS as e:
+        # ValueError: the project's config checks at model/evaluator build time name the key
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"file not found: {e.filename}"
         else:

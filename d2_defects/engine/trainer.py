@@ -42,8 +42,6 @@ class Trainer(DefaultTrainer):
     - checkpoints through :class:`DefectCheckpointer` (atomic writes, ``weights_only`` loads);
     - one COCO evaluator (and a DefectEvaluator if ``TEST.DEFECT_EVAL.ENABLED``) per ``DATASETS.TEST``
       entry, each with its own output folder;
-    - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``.
-    - one COCO evaluator per ``DATASETS.TEST`` entry, each with its own output folder;
     - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``;
     - ``SOLVER.SWA.ENABLED``: stochastic weight averaging after the regular schedule (``engine/swa.py``).
     """
@@ -92,6 +90,8 @@ class Trainer(DefaultTrainer):
             writers = [i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)]
             hooks.insert(writers[0] if writers else len(hooks), build_swa_hook(self))
         return hooks
+
+    @classmethod
     def build_model(cls, cfg):
         """Detectron2's model, then ``MODEL.FREEZE`` applied (logs the number of trainable parameters)."""
         model = super().build_model(cfg)
@@ -133,6 +133,8 @@ class Trainer(DefaultTrainer):
         )
         mapper = build_defect_train_mapper(cfg, dataset_dicts=dataset)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+
+    @classmethod
     def test_with_TTA(cls, cfg, model):
         """
         Evaluate ``model`` wrapped in :class:`DefectTTA` (``TEST.AUG.*``) on every ``DATASETS.TEST`` entry.

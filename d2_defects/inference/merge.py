@@ -11,7 +11,6 @@ import dataclasses
 
 import numpy as np
 import torch
-from detectron2.structures import Boxes, pairwise_iou
 
 from ..modeling.postprocess import PostprocessParams, select_detections
 
@@ -19,49 +18,9 @@ __all__ = ["MERGE_METHODS", "merge_detections", "with_soft_nms"]
 
 MERGE_METHODS = ("nms", "soft_nms", "wbf")
 
-# Names a PostprocessParams may use for its soft-NMS switch (bool field).
-_SOFT_NMS_FLAGS = ("soft_nms_enabled", "soft_nms", "use_soft_nms")
-
-
 def with_soft_nms(params: PostprocessParams):
-    """
-    ``params`` with soft-NMS switched on, or ``None`` when the postprocessor has no soft-NMS switch
-    (then :func:`merge_detections` uses a small linear soft-NMS of its own).
-    """
-    names = {f.name for f in dataclasses.fields(params)}
-    for flag in _SOFT_NMS_FLAGS:
-        if flag in names and isinstance(getattr(params, flag), bool):
-            return dataclasses.replace(params, **{flag: True})
-    return None
-
-
-def _soft_nms_fallback(boxes, scores, classes, params, iou_threshold=0.5, prune=0.001):
-    """
-    Linear soft-NMS (Bodla et al. 2017) per class, for postprocessors without soft-NMS: a box's score is
-    multiplied by ``1 - IoU`` with every higher-scoring kept box it overlaps by more than ``iou_threshold``;
-    boxes falling below ``prune`` are dropped. One Python step per kept box: fine for merges of a few
-    hundred boxes.
-    """
-    cand = torch.nonzero(scores > params.score_thresh).squeeze(1)
-    boxes, scores, classes = boxes[cand], scores[cand].clone(), classes[cand]
-    iou = pairwise_iou(Boxes(boxes), Boxes(boxes))
-    iou[classes[:, None] != classes[None, :]] = 0
-    alive = torch.ones(len(cand), dtype=torch.bool, device=boxes.device)
-    keep, kept_scores = [], []
-    while bool(alive.any()):
-        i = int(torch.where(alive, scores, scores.new_tensor(-1.0)).argmax())
-        keep.append(i)
-        kept_scores.append(scores[i].clone())
-        alive[i] = False
-        ov = iou[i]
-        decay = torch.where(ov > iou_threshold, 1 - ov, torch.ones_like(ov))
-        scores = torch.where(alive, scores * decay, scores)
-        alive &= scores >= prune
-        if len(keep) >= params.topk_per_image:
-            break
-    keep = torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)
-    final = torch.stack(kept_scores) if kept_scores else scores.new_zeros(0)
-    return cand[keep], final
+    """``params`` with the postprocessor's soft-NMS (``d2_defects.layers.soft_nms``) switched on."""
+    return dataclasses.replace(params, soft_nms=True)
 
 
 def _wbf(boxes, scores, classes, image_size, weights, iou_thresh, score_thresh):
@@ -122,11 +81,7 @@ def merge_detections(boxes, scores, classes, image_size, method, params: Postpro
     all_scores = torch.cat([s * (wi / mean_w) for s, wi in zip(scores, weights)])
     all_classes = torch.cat(list(classes))
     if method == "soft_nms":
-        soft = with_soft_nms(params)
-        if soft is None:
-            keep, final = _soft_nms_fallback(all_boxes, all_scores, all_classes, params)
-        else:
-            keep, final = select_detections(all_boxes, all_scores, all_classes, soft)
+        keep, final = select_detections(all_boxes, all_scores, all_classes, with_soft_nms(params))
     else:
         keep, final = select_detections(all_boxes, all_scores, all_classes, params)
     return all_boxes[keep], final, all_classes[keep]

@@ -16,6 +16,7 @@ setup(
         "faster-coco-eval",
         "timm",
         "ensemble-boxes",
+        "numba",
         "matplotlib",
         "tqdm",
         "pyyaml",

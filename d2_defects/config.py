@@ -43,8 +43,10 @@ def _add_defect_eval_config(cfg):
     cfg.TEST.DEFECT_EVAL.IMAGE_SCORE_THRESHOLD = 0.5
     # score = (ACC_WEIGHT * ACC + MAP_WEIGHT * weighted_mAP) / (ACC_WEIGHT + MAP_WEIGHT); fabric: 0.2 / 0.8.
     cfg.TEST.DEFECT_EVAL.ACC_WEIGHT = 0.0
-    # Weight of weighted_mAP in score (>= 0).
+    # Weight of the mAP term in score (>= 0).
     cfg.TEST.DEFECT_EVAL.MAP_WEIGHT = 1.0
+    # Which mAP enters score: "weighted_mAP" (class weights; bottle) or "mAP" (plain mean over classes; fabric).
+    cfg.TEST.DEFECT_EVAL.SCORE_MAP = "weighted_mAP"
 
 
 def _add_soft_nms_config(cfg):
@@ -62,6 +64,8 @@ def _add_soft_nms_config(cfg):
     cfg.MODEL.SOFT_NMS.SCORE_THRESHOLD = 0.001
     # Per-class score thresholds applied before (soft-)NMS: K floats, or empty = SCORE_THRESH_TEST for all.
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS = []
+
+
 def _add_roi_heads_config(cfg):
     """Keys of ``DefectStandardROIHeads`` / ``DefectCascadeROIHeads`` (checked when the heads are built)."""
     # per-stage weights of the class scores at inference (one per cascade stage); empty = plain mean
@@ -98,6 +102,8 @@ def _add_swa_config(cfg):
     cfg.SOLVER.SWA.LR_SHAPE = "linear"
     # Training batches used to recompute BatchNorm statistics of the averaged model (0: skip; FrozenBN: no-op).
     cfg.SOLVER.SWA.BN_UPDATE_ITERS = 200
+
+
 def _add_data_config(cfg):
     """Dataset registration/validation and the defect augmentations (see d2_defects/data/)."""
     # YAML datasets manifest registered at setup in every process ("" = none); see datasets/README.md
@@ -129,6 +135,8 @@ def _add_data_config(cfg):
     cfg.INPUT.COPY_PASTE.PROB = 0.3  # probability of pasting onto an image that has defects
     cfg.INPUT.COPY_PASTE.MAX_OBJECTS = 3  # defects pasted per image (1..MAX_OBJECTS, uniform)
     cfg.INPUT.COPY_PASTE.CLASSES = []  # class names eligible for pasting ([] = all), e.g. rare classes
+
+
 def _add_models_config(cfg):
     """Meta-architectures (DefectFCOS, DefectRCNN), timm backbones and freezing schemes."""
     _C = cfg

@@ -11,10 +11,8 @@ from d2_defects.engine.launch import load_config
 
 from conftest import ROOT
 
-CONFIGS = sorted(
-    p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
-    if not os.path.basename(p).startswith("Base-")
-)
+# Base-*.yaml included: they build too (a user may start from them directly).
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 
 
 def test_configs_exist():

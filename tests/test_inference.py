@@ -91,14 +91,16 @@ def _assert_same(a, b, atol=1e-3):
 SYNTHETIC_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "synthetic", "*.yaml")))
 
 
-@pytest.mark.parametrize("config,merge", [(c, "nms") for c in SYNTHETIC_CONFIGS] + [("retinanet", "wbf")],
-                         ids=lambda v: os.path.basename(str(v)))
-def test_tta_with_identity_transform_equals_plain_inference(models, val_records, config, merge):
-    """Every meta-architecture of the project's configs (and Detectron2's one-stage RetinaNet)."""
+@pytest.mark.parametrize("config", SYNTHETIC_CONFIGS + ["retinanet"], ids=lambda v: os.path.basename(str(v)))
+def test_tta_with_identity_transform_equals_plain_inference(models, val_records, config):
+    """
+    Every meta-architecture of the project's configs (and Detectron2's one-stage RetinaNet). With a single
+    view nothing is merged, so TEST.AUG.MERGE plays no part here (multi-view merges are tested below).
+    """
     if config == "retinanet":
-        cfg, model = _cfg(*RETINANET, *IDENTITY_TTA, "TEST.AUG.MERGE", merge), models["retinanet"]
+        cfg, model = _cfg(*RETINANET, *IDENTITY_TTA), models["retinanet"]
     else:
-        cfg = load_config(config, TINY_OPTS + IDENTITY_TTA + ["TEST.AUG.MERGE", merge])
+        cfg = load_config(config, TINY_OPTS + IDENTITY_TTA)
         torch.manual_seed(0)
         model = build_model(cfg).eval()
     recs = val_records[:2]
@@ -134,6 +136,92 @@ def test_tta_flips_are_mapped_back(models, val_records, flip_key):
     # the flipped view really contributes: plain identity-only TTA gives a different result
     only_identity = DefectTTA(_cfg(*IDENTITY_TTA), models["cascade"]).eval()([inp])[0]["instances"]
     assert not (len(only_identity) == len(a) and torch.allclose(only_identity.scores, a.scores))
+
+
+# the merge keeps up to 1000 detections: the two views' 2 x 100 never hit the cap
+TWO_VIEWS = ["TEST.AUG.MIN_SIZES", "(96,)", "TEST.AUG.MAX_SIZE", "160", "TEST.AUG.FLIP", "True",
+             "TEST.DETECTIONS_PER_IMAGE", "1000"]
+
+
+def _views(model, inp, min_size=96, max_size=160):
+    """Per-view detections, computed here: (identity, horizontal flip) at one size, flip undone."""
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    hwc = inp["image"].permute(1, 2, 0).numpy()
+    img = torch.as_tensor(ResizeShortestEdge(min_size, max_size).get_transform(hwc).apply_image(hwc).copy())
+    img = img.permute(2, 0, 1)
+    h, w = inp["height"], inp["width"]
+    with torch.no_grad():
+        outs = model([{"image": img, "height": h, "width": w}, {"image": img.flip(-1).contiguous(), "height": h,
+                                                               "width": w}])
+    a, b = (o["instances"] for o in outs)
+    bb = b.pred_boxes.tensor.clone()
+    bb[:, [0, 2]] = w - bb[:, [2, 0]]
+    return [a.pred_boxes.tensor, bb], [a.scores, b.scores], [a.pred_classes, b.pred_classes]
+
+
+def _instances(image_size, boxes, scores, classes):
+    from detectron2.structures import Boxes, Instances
+
+    return Instances(image_size, pred_boxes=Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)),
+                     scores=torch.as_tensor(scores, dtype=torch.float32),
+                     pred_classes=torch.as_tensor(classes).round().long())
+
+
+@pytest.mark.parametrize("model_name,method", [("cascade", "soft_nms"), ("cascade", "wbf"),
+                                               ("retinanet", "soft_nms"), ("retinanet", "wbf")])
+def test_tta_two_views_merge_like_the_oracles(models, val_records, model_name, method):
+    """
+    {identity, horizontal flip}: DefectTTA's output is the merge of the per-view detections, compared with
+    ``ensemble_boxes.weighted_boxes_fusion`` ("wbf") and the project's ``merge_detections`` ("soft_nms").
+    """
+    from ensemble_boxes import weighted_boxes_fusion
+
+    extra = RETINANET if model_name == "retinanet" else []
+    cfg = _cfg(*extra, *TWO_VIEWS, "TEST.AUG.MERGE", method)
+    model = models[model_name]
+    tta = DefectTTA(cfg, model).eval()
+    assert tta.augmentations() == [(96, False, False), (96, True, False)]
+    params = PostprocessParams.from_config(cfg)
+    for rec in val_records[:2]:
+        inp = DatasetMapper(cfg, is_train=False, augmentations=[])(rec)
+        h, w = inp["height"], inp["width"]
+        boxes, scores, classes = _views(model, inp)
+        assert min(len(b) for b in boxes) > 0
+        out = tta([inp])[0]["instances"]
+        if method == "wbf":
+            scale = np.array([w, h, w, h], dtype=np.float64)
+            ob, os_, oc = weighted_boxes_fusion(
+                [np.clip(b.double().numpy() / scale, 0, 1) for b in boxes], [s.double().numpy() for s in scores],
+                [c.numpy() for c in classes], weights=[1.0, 1.0], iou_thr=cfg.TEST.AUG.WBF_IOU_THRESH,
+                skip_box_thr=params.score_thresh)
+            k = params.topk_per_image
+            expected = _instances((h, w), ob[:k] * scale, os_[:k], oc[:k])
+            # fusion really happened: fewer boxes than the two views together
+            assert len(expected) < sum(len(b) for b in boxes)
+        else:
+            expected = _instances((h, w), *merge_detections(boxes, scores, classes, (h, w), "soft_nms", params))
+            hard = merge_detections(boxes, scores, classes, (h, w), "nms", params)
+            assert len(hard[0]) < len(expected)  # soft-NMS keeps (decayed) duplicates that hard NMS drops
+        assert out.image_size == (h, w)
+        _assert_same(out, expected)
+
+
+def test_tta_nms_merge_uses_soft_nms_when_enabled(models, val_records):
+    """MERGE "nms" follows MODEL.SOFT_NMS.ENABLED: the same detector, merged with soft-NMS or with hard NMS."""
+    model = models["cascade"]
+    soft = DefectTTA(_cfg(*TWO_VIEWS, "TEST.AUG.MERGE", "nms", "MODEL.SOFT_NMS.ENABLED", "True"), model).eval()
+    hard = DefectTTA(_cfg(*TWO_VIEWS, "TEST.AUG.MERGE", "nms"), model).eval()
+    params = PostprocessParams.from_config(_cfg(*TWO_VIEWS))
+    assert soft.params.soft_nms and not hard.params.soft_nms
+    inp = DatasetMapper(_cfg(), is_train=False, augmentations=[])(val_records[0])
+    h, w = inp["height"], inp["width"]
+    views = _views(model, inp)
+    with_soft = _instances((h, w), *merge_detections(*views, (h, w), "soft_nms", params))
+    with_hard = _instances((h, w), *merge_detections(*views, (h, w), "nms", params))
+    assert len(with_hard) < len(with_soft)
+    _assert_same(soft([inp])[0]["instances"], with_soft)
+    _assert_same(hard([inp])[0]["instances"], with_hard)
 
 
 class _WithImageScore(torch.nn.Module):
@@ -256,6 +344,8 @@ def test_ensemble_tool_evaluates_and_protects_output(synthetic_root, tmp_path, c
     assert len(merged) == len(gt)
     table = [l for l in proc.stdout.splitlines() if l.startswith("| merged (wbf) |")]
     assert table and table[0].split("|")[2].strip() == "100.00"
+    header = [l for l in proc.stdout.splitlines() if l.startswith("| results |")][0]
+    assert {"AP", "defect/mAP", "defect/ACC", "defect/score"} <= {c.strip() for c in header.split("|")}
     before = out.read_text()
     ensemble = _tool("ensemble")
     assert ensemble.main([str(a) for a in args[:-1]] + ["tiny_defects_val"]) == 2
@@ -267,8 +357,92 @@ def test_ensemble_tool_evaluates_and_protects_output(synthetic_root, tmp_path, c
     assert err.startswith(f"ERROR: {tmp_path / 'bad.json'}: detection 0") and len(err.splitlines()) == 1
 
 
+def test_ensemble_tool_prints_the_defect_evaluator_metrics(synthetic_root, tmp_path, capsys):
+    """The --dataset table holds what DefectEvaluator computes on the same detections (here imperfect ones)."""
+    from detectron2.structures import Boxes, Instances
+
+    from d2_defects.evaluation import DefectEvaluator
+
+    name = "tiny_defects_val"
+    records = DatasetCatalog.get(name)
+    # every other ground-truth box, none on the first image (a missed defect image for ACC), with varied scores
+    dets = [dict(d, score=0.3 + 0.6 * (i % 5) / 4) for i, d in enumerate(_gt_results(name)[::2])
+            if d["image_id"] != records[0]["image_id"]]
+    (tmp_path / "b.json").write_text(json.dumps(dets))
+    assert _tool("ensemble").main([str(tmp_path / "b.json"), "-o", str(tmp_path / "m.json"), "--dataset", name]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in next(l for l in lines if l.startswith("| results |")).split("|")]
+    row = [c.strip() for c in next(l for l in lines if l.startswith(f"| {tmp_path / 'b.json'} |")).split("|")]
+    table = dict(zip(header, row))
+
+    id_map = MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id
+    evaluator = DefectEvaluator(name)
+    evaluator.reset()
+    for r in records:
+        mine = [d for d in dets if d["image_id"] == r["image_id"]]
+        xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]).reshape(-1, 4)
+        inst = Instances((r["height"], r["width"]), pred_boxes=Boxes(xyxy.float()),
+                         scores=torch.tensor([d["score"] for d in mine]).float(),
+                         pred_classes=torch.tensor([id_map[d["category_id"]] for d in mine], dtype=torch.int64))
+        evaluator.process([r], [{"instances": inst}])
+    expected = evaluator.evaluate()["defect"]
+    assert expected["ACC"] < 100 and expected["mAP"] < 100
+    for k in ("mAP", "weighted_mAP", "ACC", "score"):
+        assert float(table[f"defect/{k}"]) == pytest.approx(expected[k], abs=0.006), k
+
+
 # ---------------------------------------------------------------------------------------------------------
-# tools: predict, export, train_net --eval-only with TTA
+# tools: predict, export, benchmark, train_net --eval-only with TTA
+
+
+def test_draw_boxes_large_image_is_drawn_at_1600px():
+    from detectron2.data.catalog import Metadata
+
+    from d2_defects.utils.visualize import draw_boxes
+
+    image = np.zeros((3000, 4096, 3), dtype=np.uint8)
+    box = [1000.0, 800.0, 3000.0, 2400.0]
+    vis = draw_boxes(image, np.array([box]), ["scratch 0.90"], Metadata(), [0])
+    scale = 1600 / 4096
+    assert vis.shape == (round(3000 * scale), 1600, 3)
+    # the box outline is drawn at the scaled position: on the scaled left edge, not inside the box
+    x1, y1, x2, y2 = (round(v * scale) for v in box)
+    assert vis[(y1 + y2) // 2, x1 - 2:x1 + 3].any()
+    assert not vis[(y1 + y2) // 2, (x1 + x2) // 2].any()
+
+
+def test_benchmark_inference_smoke(capsys):
+    bench = _tool("benchmark_inference")
+    assert bench.main(["--config-file", SMALL_CONFIG, "--sizes", "128x96", "--iters", "1", "--warmup", "0",
+                       *TINY_OPTS]) == 0
+    out = capsys.readouterr().out
+    assert "| image size | images/s | ms/image | peak RSS so far (MB) |" in out
+    row = next(l for l in out.splitlines() if l.startswith("| 128x96 |"))
+    images_per_s, ms, mem = (float(v) for v in row.strip("| ").split("|")[1:])
+    assert images_per_s > 0 and ms == pytest.approx(1000 / images_per_s, rel=0.05) and mem > 0
+
+
+def test_predict_writes_defect_rcnn_image_scores(synthetic_root, val_records, tmp_path, capsys):
+    config = os.path.join(ROOT, "configs", "synthetic", "defect_rcnn_r18_cpu.yaml")
+    cfg = load_config(config, TINY_OPTS)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    DefectCheckpointer(model, save_dir=str(tmp_path)).save("model_random")
+    images = tmp_path / "images"
+    images.mkdir()
+    for r in val_records[:2]:
+        shutil.copy(r["file_name"], images)
+    out = tmp_path / "out"
+    args = ["--config-file", config, "--input", images, "--output", out, "--dataset", "tiny_defects_val",
+            *TINY_OPTS, "MODEL.WEIGHTS", tmp_path / "model_random.pth"]
+    assert _tool("predict").main([str(a) for a in args]) == 0, capsys.readouterr().err[-3000:]
+    info = {os.path.basename(i["file_name"]): i for i in json.loads((out / "images.json").read_text())["images"]}
+    assert len(info) == 2
+    for r in val_records[:2]:
+        with torch.no_grad():
+            eager = model([DatasetMapper(cfg, is_train=False)(r)])[0]["defect_score"]
+        assert info[os.path.basename(r["file_name"])]["defect_score"] == pytest.approx(eager, abs=1e-5)
+
 
 
 def test_predict_folder_with_corrupt_files(synthetic_root, checkpoint, models, val_records, tmp_path, capsys):
@@ -303,6 +477,7 @@ def test_predict_folder_with_corrupt_files(synthetic_root, checkpoint, models, v
     # category ids are the dataset's (non-contiguous) ids
     meta = MetadataCatalog.get("tiny_defects_val")
     assert {d["category_id"] for d in results} <= set(meta.thing_dataset_id_to_contiguous_id)
+    assert not any("defect_score" in i for i in info["images"])  # the cascade model has no image-level score
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert len(csv_rows) == len(results) + 1
     assert len(list((out / "vis").glob("*.png"))) == 3
@@ -332,28 +507,58 @@ def test_predict_folder_with_corrupt_files(synthetic_root, checkpoint, models, v
     assert len(json.loads((out / "images.json").read_text())["images"]) == 4
 
 
-def test_export_torchscript_parity_and_overwrite(synthetic_root, checkpoint, tmp_path, capsys):
-    args = ["--config-file", SMALL_CONFIG, "--output", tmp_path, "--num-samples", "2", *TINY_OPTS,
-            "MODEL.WEIGHTS", checkpoint]
-    proc = _run_tool("export_model.py", args, synthetic_root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "parity with the eager model on 2 images" in proc.stdout
-    traced = torch.jit.load(str(tmp_path / "model.ts"))
-    # the exported file on its own (no Python model code) gives the eager model's boxes
-    cfg = _cfg()
+EXPORT_CONFIGS = {name: os.path.join(ROOT, "configs", "synthetic", f"{name}_r18_cpu.yaml")
+                  for name in ("cascade", "fcos", "defect_rcnn")}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_CONFIGS))
+def test_export_torchscript_parity_and_overwrite(name, tmp_path, capsys):
+    """Cascade R-CNN, DefectFCOS and DefectRCNN (with its image-level defect_score) export by tracing."""
+    cfg = load_config(EXPORT_CONFIGS[name], TINY_OPTS)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    DefectCheckpointer(model).load(str(checkpoint))
-    image = torch.randint(0, 256, (3, 96, 144), dtype=torch.uint8)
-    with torch.no_grad():
-        eager = model([{"image": image}])[0]["instances"]
-        boxes, classes, scores = traced(image)[:3]
-    assert len(eager) == len(boxes) > 0
-    assert torch.equal(eager.pred_classes, classes)
-    torch.testing.assert_close(eager.pred_boxes.tensor, boxes, atol=1e-3, rtol=0)
-    torch.testing.assert_close(eager.scores, scores, atol=1e-5, rtol=0)
-    assert _tool("export_model").main([str(a) for a in args]) == 2
+    checkpoint = tmp_path / "model_random.pth"
+    DefectCheckpointer(model, save_dir=str(tmp_path)).save("model_random")
+    out = tmp_path / "export"
+    args = ["--config-file", EXPORT_CONFIGS[name], "--output", out, "--num-samples", "2", *TINY_OPTS,
+            "MODEL.WEIGHTS", checkpoint]
+    export = _tool("export_model")
+    assert export.main([str(a) for a in args]) == 0, capsys.readouterr().err[-3000:]
+    assert "parity with the eager model on 2 images" in capsys.readouterr().out
+    traced = torch.jit.load(str(out / "model.ts"))
+    # the exported file on its own (no Python model code) gives the eager model's outputs on a new size
+    image = torch.randint(0, 256, (3, 96, 144), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.jit.optimized_execution(False):
+        eager = model([{"image": image}])[0]
+        flat = traced(image)
+    boxes, classes, scores = flat[:3]
+    inst = eager["instances"]
+    assert len(inst) == len(boxes) > 0
+    assert torch.equal(inst.pred_classes, classes)
+    torch.testing.assert_close(inst.pred_boxes.tensor, boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(inst.scores, scores, atol=1e-5, rtol=0)
+    if name == "defect_rcnn":  # the last output is the image-level score, computed by the exported graph
+        assert flat[-1].shape == () and float(flat[-1]) == pytest.approx(eager["defect_score"], abs=1e-6)
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            other = model([{"image": torch.zeros_like(image)}])[0]["defect_score"]
+            assert float(traced(torch.zeros_like(image))[-1]) == pytest.approx(other, abs=1e-6) != eager["defect_score"]
+    assert export.main([str(a) for a in args]) == 2
     assert "exists (use --overwrite" in capsys.readouterr().err
+
+
+def test_export_tracing_failure_is_one_error_line(tmp_path, capsys):
+    """DefectRCNN that skips the heads below a threshold cannot be traced (data-dependent): one ERROR line."""
+    cfg = load_config(EXPORT_CONFIGS["defect_rcnn"], TINY_OPTS)
+    torch.manual_seed(0)
+    DefectCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model_random")
+    args = ["--config-file", EXPORT_CONFIGS["defect_rcnn"], "--output", tmp_path / "export", *TINY_OPTS,
+            "MODEL.WEIGHTS", tmp_path / "model_random.pth", "MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD", "0.2"]
+    assert _tool("export_model").main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    errors = [l for l in err.splitlines() if l.startswith("ERROR:")]
+    assert len(errors) == 1 and "cannot trace DefectRCNN" in errors[0]
+    assert "MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD" in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "export" / "model.ts").exists()
 
 
 def test_eval_only_with_tta(synthetic_root, checkpoint, tmp_path):

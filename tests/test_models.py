@@ -135,6 +135,105 @@ def test_fcos_bad_keys_name_the_key():
             build_model(cfg)
 
 
+def _fcos_cfg(*opts):
+    # FCOS with 4 classes while MODEL.ROI_HEADS.NUM_CLASSES stays 6 (from the base config)
+    return load_config(FCOS_CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "4", *opts])
+
+
+def test_fcos_per_class_thresholds_have_one_value_per_fcos_class():
+    from d2_defects.modeling.tta import DefectTTA
+
+    cfg = _fcos_cfg()
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 6
+    model = build_model(_fcos_cfg("MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS", "[0.1, 0.2, 0.3, 0.4]"))
+    assert model.postprocess_params.score_thresh_per_class == [0.1, 0.2, 0.3, 0.4]
+    assert model.test_score_thresh == pytest.approx(0.1)
+    for wrong in ("[0.1, 0.2, 0.3]", "[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]"):
+        with pytest.raises(ValueError, match=r"MODEL\.ROI_HEADS\.SCORE_THRESH_PER_CLASS.*K=4"):
+            build_model(_fcos_cfg("MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS", wrong))
+    # test-time augmentation checks the list against the wrapped model's K too
+    tta_opts = ["TEST.AUG.MIN_SIZES", "(64,)", "TEST.AUG.FLIP", "True"]
+    tta = DefectTTA(_fcos_cfg(*tta_opts, "MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS", "[0.1, 0.2, 0.3, 0.4]"), model)
+    assert tta.params.score_thresh_per_class == [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match=r"MODEL\.ROI_HEADS\.SCORE_THRESH_PER_CLASS.*K=4"):
+        DefectTTA(_fcos_cfg(*tta_opts, "MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS", str([0.1] * 6)), model)
+
+
+def test_fcos_soft_nms_and_per_class_thresholds_postprocess_the_decoded_candidates():
+    """
+    DefectFCOS with MODEL.SOFT_NMS.ENABLED and per-class thresholds returns exactly the project's
+    ``select_detections`` applied to the candidates that Detectron2's FCOS decodes (its NMS disabled).
+    """
+    import dataclasses
+
+    from detectron2.modeling.meta_arch.fcos import FCOS
+
+    from d2_defects.modeling.postprocess import select_detections
+
+    base = ["MODEL.SOFT_NMS.ENABLED", "True", "TEST.DETECTIONS_PER_IMAGE", "100000", "MODEL.FCOS.NUM_CONVS", "1"]
+    gen = torch.Generator().manual_seed(0)
+    batch = [{"image": torch.rand(3, 64, 96, generator=gen) * 255}]
+
+    def run(model, nms_thresh=None):
+        """Raw detections of ``model`` on ``batch`` (no rescaling), or of upstream FCOS on the same weights."""
+        if nms_thresh is not None:
+            model = FCOS(backbone=model.backbone, head=model.head, head_in_features=model.head_in_features,
+                         num_classes=4, test_score_thresh=model.test_score_thresh, test_nms_thresh=nms_thresh,
+                         test_topk_candidates=model.test_topk_candidates, max_detections_per_image=100000,
+                         pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD).eval()
+        with torch.no_grad():
+            images = model.preprocess_image(batch)
+            features = model.backbone(images.tensor)
+            features = [features[f] for f in model.head_in_features]
+            return model.forward_inference(images, features, model.head(features))[0]
+
+    cfg = _fcos_cfg(*base)
+    torch.manual_seed(1)
+    first = build_model(cfg).eval()
+    with torch.no_grad():  # a fresh head predicts near-empty boxes; boxes 4 strides wide overlap their neighbours
+        first.head.bbox_pred.bias.fill_(2.0)
+    # one threshold per class between the candidates' scores, so that each removes some of them
+    everything = run(first, nms_thresh=1.0)
+    thresholds = [float(everything.scores[everything.pred_classes == k].median()) for k in range(4)]
+    assert len(set(thresholds)) == 4
+    cfg = _fcos_cfg(*base, "MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS", str(thresholds))
+    model = build_model(cfg).eval()
+    model.load_state_dict(first.state_dict())
+    params = model.postprocess_params
+    assert params.soft_nms and params.score_thresh_per_class == thresholds
+
+    cand = run(model, nms_thresh=1.0)  # IoU > 1 never happens: upstream's NMS keeps every candidate
+    keep, expected_scores = select_detections(cand.pred_boxes.tensor, cand.scores, cand.pred_classes, params)
+    ours = run(model)
+    assert len(ours) == len(keep) > 20
+
+    def canonical(boxes, scores, classes):
+        order = sorted(range(len(scores)), key=lambda i: (-round(float(scores[i]), 5), int(classes[i]),
+                                                         *[round(float(v), 2) for v in boxes[i]]))
+        return boxes[order], scores[order], classes[order]
+
+    ob, os_, oc = canonical(ours.pred_boxes.tensor, ours.scores, ours.pred_classes)
+    eb, es, ec = canonical(cand.pred_boxes.tensor[keep], expected_scores, cand.pred_classes[keep])
+    assert torch.equal(oc, ec)
+    torch.testing.assert_close(ob, eb, atol=1e-4, rtol=0)
+    torch.testing.assert_close(os_, es, atol=1e-6, rtol=0)
+
+    # per-class thresholds remove exactly the candidates at or below their class threshold
+    thresh = torch.tensor(thresholds)[cand.pred_classes]
+    above = cand.scores > thresh
+    assert 0 < int(above.sum()) < len(cand)
+    assert bool(above[keep].all())
+    # soft-NMS only decays: final scores <= the candidates' scores, some strictly lower
+    original = cand.scores[keep]
+    assert bool((expected_scores <= original + 1e-7).all()) and bool((expected_scores < original - 1e-4).any())
+    # hard NMS (same thresholds) keeps a subset of the boxes soft-NMS keeps, with unchanged scores
+    hard_params = dataclasses.replace(params, soft_nms=False)
+    hard_keep, hard_scores = select_detections(cand.pred_boxes.tensor, cand.scores, cand.pred_classes, hard_params)
+    assert len(hard_keep) < len(keep)
+    assert set(hard_keep.tolist()) <= set(keep.tolist())
+    torch.testing.assert_close(hard_scores, cand.scores[hard_keep])
+
+
 # ---------------------------------------------------------------------------------------------- DefectRCNN
 def test_defect_rcnn_trains_scores_and_skips(synthetic_root, normal_image):
     cfg = tiny_cfg(opts=["MODEL.META_ARCHITECTURE", "DefectRCNN", "MODEL.DEFECT_RCNN.IN_FEATURES", "['p4', 'p6']"])
@@ -217,7 +316,7 @@ def test_fresh_dcn_backbone_equals_plain_backbone():
 
 
 def test_dcn_gradients_match_finite_differences():
-    """Analytic gradients (input, weight, bias, offset/mask predictor) against finite differences, float64."""
+    """Analytic gradients (input, weight, bias, offset/mask conv weight and bias) against finite differences."""
     from detectron2.layers import Conv2d
 
     from d2_defects.modeling.backbone import ResNetDeformConv
@@ -230,7 +329,9 @@ def test_dcn_gradients_match_finite_differences():
             dcn.conv_offset.weight.normal_(0, 0.3)
             dcn.conv_offset.bias.uniform_(-0.8, 0.8)
         x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
-        params = [dcn.weight, dcn.bias, dcn.conv_offset.bias]  # the offset bias carries the offset/mask gradient
+        # the offset/mask predictor's weight and bias get their gradient through the bilinear sampling
+        params = [dcn.weight, dcn.bias, dcn.conv_offset.weight, dcn.conv_offset.bias]
+        assert all(p.dtype == torch.float64 and p.requires_grad for p in params)
         assert torch.autograd.gradcheck(lambda x, *p: dcn(x), (x, *params), eps=1e-6, atol=1e-5)
 
 
@@ -244,6 +345,25 @@ def test_dcn_bad_keys_name_the_key():
 
 def test_timm_backbone_trains_and_infers(synthetic_root, normal_image):
     check_trains_and_infers(tiny_cfg(opts=TIMM_OPTS), normal_image)
+
+
+def test_cascade_on_dcn_backbone_trains_and_infers(synthetic_root, normal_image):
+    """build_resnet_dcn_fpn_backbone (P2-P6) under the small Cascade R-CNN; the offset convs are trained too."""
+    opts = ["MODEL.BACKBONE.NAME", "build_resnet_dcn_fpn_backbone",
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]", "MODEL.RESNETS.DEFORM_MODULATED", "True"]
+    model, _ = check_trains_and_infers(tiny_cfg(opts=opts), normal_image)
+    offsets = {n: p for n, p in model.named_parameters() if ".conv_offset." in n}
+    assert len(offsets) == 2 * 6  # weight and bias of the 6 BasicBlocks of res3-res5 (R18)
+    assert any(p.abs().sum() > 0 for n, p in offsets.items() if n.endswith("weight"))  # moved off zero
+
+
+def test_fcos_on_timm_backbone_trains_and_infers(synthetic_root, normal_image):
+    """build_retinanet_timm_fpn_backbone (P3-P7 from timm features) under DefectFCOS."""
+    opts = [TIMM_OPTS[0], "build_retinanet_timm_fpn_backbone", *TIMM_OPTS[2:],
+            "MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']", "MODEL.FCOS.IN_FEATURES", "['p3', 'p4', 'p5', 'p6', 'p7']"]
+    model, _ = check_trains_and_infers(tiny_cfg(FCOS_CONFIG, opts), normal_image)
+    assert type(model).__name__ == "DefectFCOS" and type(model.backbone.bottom_up).__name__ == "TimmBackbone"
+    assert sorted(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
 
 
 def test_fcos_on_dcn_backbone_trains_and_infers(synthetic_root, normal_image):

@@ -6,8 +6,8 @@
 
 Methods: "wbf" (weighted boxes fusion, ensemble-boxes), "soft_nms" (the project's soft-NMS), "nms".
 With --dataset, COCO AP of every input and of the merge is printed (pycocotools, as Detectron2's
-COCOEvaluator; plus the DefectEvaluator's metrics when available). The output is never replaced without
---overwrite.
+COCOEvaluator), followed by the DefectEvaluator's metrics (defect/mAP, defect/ACC, defect/score, ...). The
+output is never replaced without --overwrite.
 """
 import argparse
 import json

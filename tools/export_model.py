@@ -6,8 +6,9 @@ that the exported model gives the eager model's detections on sample images.
         --sample-images datasets/synthetic_defects/val MODEL.WEIGHTS output/demo/model_final.pth
 
 Writes --output/model.ts (load with torch.jit.load; input: one CHW image tensor in INPUT.FORMAT, resized
-to the test size; outputs: boxes, classes, scores), and model.onnx with --format onnx. Exits with an
-error when the parity check fails. Existing files are never replaced without --overwrite.
+to the test size; outputs: boxes, classes, scores, image size, then image-level outputs such as
+DefectRCNN's defect_score), and model.onnx with --format onnx. Exits with one ERROR line when the model
+cannot be traced or the parity check fails. Existing files are never replaced without --overwrite.
 """
 import argparse
 import os
@@ -74,11 +75,18 @@ def run(args):
         raise UserError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
     path = os.path.join(args.output, "model.ts" if args.format == "torchscript" else "model.onnx")
     check_can_write([path], args.overwrite)
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except ValueError as e:  # config values checked when the model is built
+        raise UserError(f"config error: {e}") from None
     DefectCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     samples = _samples(cfg, args.sample_images, args.num_samples)
-    traced, adapter = trace_model(model, samples[0])
+    try:
+        traced, adapter = trace_model(model, samples[0])
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+        reason = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+        raise UserError(f"cannot trace {cfg.MODEL.META_ARCHITECTURE} ({args.config_file}): {reason}") from None
     os.makedirs(args.output, exist_ok=True)
     if args.format == "onnx":
         try:
@@ -93,9 +101,14 @@ def run(args):
     worst = 0.0
     for i, image in enumerate(tqdm(samples, desc="parity check")):
         with torch.no_grad():
-            eager = model([{"image": image}])[0]["instances"]
-        diff = compare_instances(eager, run_exported(traced, adapter, image))
-        if not (diff["num"] and diff["classes"] and diff["max_box_diff"] <= args.atol):
+            eager = model([{"image": image}])[0]
+        exported = run_exported(traced, adapter, image)
+        diff = compare_instances(eager["instances"], exported["instances"])
+        # image-level outputs, e.g. DefectRCNN's defect_score
+        extra = {k: abs(float(eager[k]) - exported.get(k, float("inf"))) for k in eager if k != "instances"}
+        diff.update({f"{k}_diff": v for k, v in extra.items()})
+        if not (diff["num"] and diff["classes"] and diff["max_box_diff"] <= args.atol
+                and all(v <= 1e-5 for v in extra.values())):
             raise UserError(f"exported model differs from the eager model on sample {i} "
                             f"(shape {tuple(image.shape)}): {diff}")
         worst = max(worst, diff["max_box_diff"])

@@ -4,8 +4,9 @@
     python tools/predict.py --config-file configs/synthetic/cascade_r18_cpu.yaml --input images/ \\
         --output output/predictions --draw MODEL.WEIGHTS output/demo/model_final.pth [TEST.AUG.ENABLED True]
 
-Writes into --output: results.json (COCO results), images.json (image ids -> file names and sizes),
-results.csv, skipped.txt (unreadable files) and, with --draw, vis/*.png. Unreadable images are reported
+Writes into --output: results.json (COCO results), images.json (image ids -> file names and sizes, and
+the image-level defect_score of models that output one, e.g. DefectRCNN), results.csv, skipped.txt
+(unreadable files) and, with --draw, vis/*.png. Unreadable images are reported
 and skipped. Existing results are never replaced without --overwrite.
 """
 import argparse
@@ -65,7 +66,7 @@ def run(args):
     except ValueError as e:  # config values checked when the model is built
         raise UserError(f"config error: {e}") from None
     n_det = 0
-    for image_id, (path, image, instances, error) in enumerate(
+    for image_id, (path, image, output, error) in enumerate(
         predictor.predict_files(files, args.batch_size, args.num_workers, progress=tqdm), start=1
     ):
         if error is not None:
@@ -73,8 +74,8 @@ def run(args):
             writer.skip(path, error)
             continue
         rgb = convert_image_to_rgb(image, cfg.INPUT.FORMAT) if args.draw else None
-        writer.add(image_id, path, instances, rgb=rgb)
-        n_det += len(instances)
+        writer.add(image_id, path, output["instances"], rgb=rgb, defect_score=output.get("defect_score"))
+        n_det += len(output["instances"])
     out = writer.close()
     print(f"{len(files) - len(writer.skipped)} images, {n_det} detections -> {out}"
           + (f"; {len(writer.skipped)} unreadable files skipped (see skipped.txt)" if writer.skipped else ""))

@@ -118,7 +118,8 @@ def _coco_gt(dataset_name):
 def evaluate_results(dets, dataset_name):
     """
     COCO box AP (pycocotools, the numbers of Detectron2's ``COCOEvaluator``, in %) of a results list on a
-    registered dataset; when ``d2_defects.evaluation.DefectEvaluator`` exists, its metrics are added.
+    registered dataset, plus the metrics of ``d2_defects.evaluation.DefectEvaluator`` (``defect/mAP``,
+    ``defect/ACC``, ``defect/score``, ...).
 
     Returns:
         dict: metric -> value.
@@ -144,11 +145,10 @@ def evaluate_results(dets, dataset_name):
 
 
 def _defect_metrics(dets, dataset_name):
-    try:
-        from ..evaluation import DefectEvaluator
-    except ImportError:
-        return {}
+    """The metrics of :class:`d2_defects.evaluation.DefectEvaluator`, keyed ``defect/<name>``."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from ..evaluation import DefectEvaluator
     from detectron2.structures import Boxes, Instances
 
     id_map = getattr(MetadataCatalog.get(dataset_name), "thing_dataset_id_to_contiguous_id", None) or {}

@@ -7,18 +7,31 @@ from detectron2.export import TracingAdapter
 __all__ = ["trace_model", "run_exported", "compare_instances", "export_onnx"]
 
 
+def _inference(model, batched_inputs):
+    """
+    One image through ``model``; returns ``(instances, {name: image-level output})``, so that the flat
+    outputs start with the boxes, classes and scores, followed by image-level outputs such as DefectRCNN's
+    ``defect_score`` (a 0-dim tensor while tracing).
+    """
+    out = model(batched_inputs)[0]
+    return out["instances"], {k: v for k, v in out.items() if k != "instances"}
+
+
 def trace_model(model, image):
     """
-    Trace ``model`` (any detector with the standard ``model(list[dict]) -> [{"instances"}]`` inference
+    Trace ``model`` (any detector with the standard ``model(list[dict]) -> [{"instances", ...}]`` inference
     interface) with Detectron2's ``TracingAdapter``: the traced module takes one CHW image tensor (model
-    input format, already resized) and returns a tuple of tensors.
+    input format, already resized) and returns a tuple of tensors: boxes (R, 4), classes (R,), scores (R,),
+    the image size, then the model's image-level outputs (DefectRCNN: ``defect_score``, a 0-dim tensor).
 
     Returns:
         (torch.jit.ScriptModule, TracingAdapter): the adapter's ``outputs_schema`` turns the traced outputs
-        back into ``[{"instances": Instances}]``.
+        back into ``(Instances, {name: tensor})`` (see :func:`run_exported`).
+    Raises:
+        ValueError, RuntimeError: when the model cannot be traced.
     """
     model.eval()
-    adapter = TracingAdapter(model, [{"image": image}])
+    adapter = TracingAdapter(model, [{"image": image}], inference_func=_inference)
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns about every Python-level shape check in Detectron2; the parity check is what counts
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -27,10 +40,14 @@ def trace_model(model, image):
 
 
 def run_exported(exported, adapter, image):
-    """Run a traced/loaded module on one image; return ``Instances``."""
+    """
+    Run a traced/loaded module on one image; returns the eager model's output format for that image:
+    ``{"instances": Instances, <image-level outputs as floats, e.g. "defect_score">}``.
+    """
     # without optimized execution, the first calls do not spend seconds on profiling and fusion
     with torch.no_grad(), torch.jit.optimized_execution(False):
-        return adapter.outputs_schema(exported(image))[0]["instances"]
+        instances, extras = adapter.outputs_schema(exported(image))
+    return dict(instances=instances, **{k: float(v) for k, v in extras.items()})
 
 
 def compare_instances(a, b):

@@ -35,7 +35,8 @@ class ResultsWriter:
 
     - ``results.json``: COCO results (``image_id``, ``category_id``, ``bbox`` XYWH, ``score``);
     - ``images.json``: ``{"images": [{"id", "file_name", "height", "width"}], "categories": [...]}``, the
-      image ids of ``results.json`` mapped to the files (with ``results.json``, a COCO-style pair);
+      image ids of ``results.json`` mapped to the files (with ``results.json``, a COCO-style pair); for
+      models with an image-level score (DefectRCNN) each image also has its ``defect_score``;
     - ``results.csv``: one row per detection (file name, class name, score, XYXY box);
     - ``skipped.txt``: files that could not be read, with the reason;
     - with ``draw=True``, ``vis/<image name>.png`` with the detections above ``draw_threshold``.
@@ -65,16 +66,20 @@ class ResultsWriter:
     def _class_name(self, c):
         return self.class_names[c] if 0 <= c < len(self.class_names) else f"class_{c}"
 
-    def add(self, image_id, file_name, instances, image=None, rgb=None):
+    def add(self, image_id, file_name, instances, image=None, rgb=None, defect_score=None):
         """
         Record the detections of one image.
 
         Args:
             instances (Instances): with ``pred_boxes`` (XYXY absolute), ``scores``, ``pred_classes``.
             rgb (ndarray or None): HxWx3 uint8 RGB image, needed when drawing.
+            defect_score (float or None): the model's image-level defect probability, if it has one.
         """
         h, w = instances.image_size
-        self.images.append({"id": image_id, "file_name": file_name, "height": int(h), "width": int(w)})
+        info = {"id": image_id, "file_name": file_name, "height": int(h), "width": int(w)}
+        if defect_score is not None:
+            info["defect_score"] = round(float(defect_score), 6)
+        self.images.append(info)
         boxes = instances.pred_boxes.tensor.numpy().astype(np.float64)
         scores = instances.scores.numpy().tolist()
         classes = instances.pred_classes.numpy().tolist()

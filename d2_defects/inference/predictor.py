@@ -72,8 +72,8 @@ class BatchPredictor:
     Example::
 
         predictor = BatchPredictor(cfg)              # builds the model, loads cfg.MODEL.WEIGHTS
-        for path, image, instances, error in predictor.predict_files(list_images("images/"), batch_size=4):
-            ...
+        for path, image, output, error in predictor.predict_files(list_images("images/"), batch_size=4):
+            ...  # output["instances"]; DefectRCNN also gives output["defect_score"]
     """
 
     def __init__(self, cfg, model=None):
@@ -100,13 +100,20 @@ class BatchPredictor:
         self.model = model
         self.input_format = cfg.INPUT.FORMAT
 
-    @torch.no_grad()
     def __call__(self, images):
         """
         Args:
             images (list[ndarray]): HxWxC uint8 images in ``cfg.INPUT.FORMAT``.
         Returns:
             list[Instances]: per image, on the CPU, boxes in the image's pixel coordinates.
+        """
+        return [o["instances"] for o in self.predict(images)]
+
+    @torch.no_grad()
+    def predict(self, images):
+        """
+        Like ``__call__``, returning the model's whole output per image: a dict with ``instances`` (on the
+        CPU) and any image-level outputs of the model (e.g. DefectRCNN's ``defect_score``, a float).
         """
         inputs = []
         for img in images:
@@ -115,13 +122,13 @@ class BatchPredictor:
                 img = self.resize.get_transform(img).apply_image(img)
             inputs.append({"image": torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))),
                            "height": h, "width": w})
-        return [o["instances"].to("cpu") for o in self.model(inputs)]
+        return [dict(o, instances=o["instances"].to("cpu")) for o in self.model(inputs)]
 
     def predict_files(self, files, batch_size=1, num_workers=0, progress=None):
         """
-        Yield ``(path, image, instances, error)`` per file, in order (``image`` in ``cfg.INPUT.FORMAT``);
-        ``image`` and ``instances`` are None and ``error`` a message when the file cannot be read (the run
-        goes on).
+        Yield ``(path, image, output, error)`` per file, in order (``image`` in ``cfg.INPUT.FORMAT``,
+        ``output`` as in :meth:`predict`); ``image`` and ``output`` are None and ``error`` a message when the
+        file cannot be read (the run goes on).
 
         Args:
             progress (callable or None): e.g. ``tqdm``, wraps the per-image iteration.
@@ -134,7 +141,7 @@ class BatchPredictor:
         try:
             for batch in loader:
                 good = [(i, img) for i, img, _ in batch if img is not None]
-                outs = dict(zip([i for i, _ in good], self([img for _, img in good]))) if good else {}
+                outs = dict(zip([i for i, _ in good], self.predict([img for _, img in good]))) if good else {}
                 for i, img, err in batch:
                     yield files[i], img, outs.get(i), err
                 if bar is not None:

@@ -19,7 +19,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .postprocess import PostprocessParams
 
-__all__ = ["DefectTTA", "tta_options"]
+__all__ = ["DefectTTA", "tta_options", "model_num_classes"]
+
+
+def model_num_classes(model):
+    """
+    K, the number of foreground classes of a detector: ``model.num_classes`` (one-stage detectors such as
+    DefectFCOS, RetinaNet) or ``model.roi_heads.num_classes`` (R-CNNs); None when neither exists.
+    """
+    k = getattr(model, "num_classes", None)
+    if k is None:
+        k = getattr(getattr(model, "roi_heads", None), "num_classes", None)
+    return None if k is None else int(k)
 
 
 def tta_options(cfg):
@@ -63,7 +74,8 @@ class DefectTTA(nn.Module):
             model = model.module
         self.model = model
         self.options = tta_options(cfg)
-        self.params = PostprocessParams.from_config(cfg)
+        # SCORE_THRESH_PER_CLASS is checked against the classes of the model actually built
+        self.params = PostprocessParams.from_config(cfg, num_classes=model_num_classes(model))
         self.batch_size = batch_size
 
     def augmentations(self):

@@ -133,15 +133,25 @@ class DefectRCNN(GeneralizedRCNN):
         do_postprocess: bool = True,
     ):
         """
-        Like :meth:`GeneralizedRCNN.inference`, with ``defect_score`` (float) in each output dict (when
-        ``do_postprocess``) and the RPN/ROI heads run only on the images scored at or above
-        ``skip_normal_threshold``.
+        Like :meth:`GeneralizedRCNN.inference`, with ``defect_score`` (float; a 0-dim tensor while tracing) in
+        each output dict (when ``do_postprocess``) and the RPN/ROI heads run only on the images scored at or
+        above ``skip_normal_threshold`` (tracing is refused when it is > 0).
         """
         assert not self.training
+        tracing = torch.jit.is_tracing()
+        if tracing and self.skip_normal_threshold > 0:
+            # which images skip the heads depends on the data; a trace would fix the choice of the sample image
+            raise ValueError(
+                f"MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD={self.skip_normal_threshold}: a model that skips the "
+                "heads cannot be traced; export with 0 and apply the threshold to the exported defect_score"
+            )
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         defect_scores = self.image_logits(features).sigmoid()
-        run = torch.nonzero(defect_scores >= self.skip_normal_threshold).squeeze(1).tolist()
+        if self.skip_normal_threshold > 0:
+            run = torch.nonzero(defect_scores >= self.skip_normal_threshold).squeeze(1).tolist()
+        else:  # scores are >= 0: every image runs the heads
+            run = list(range(len(batched_inputs)))
 
         results: List[Optional[Instances]] = [None] * len(batched_inputs)
         if run:
@@ -164,8 +174,9 @@ class DefectRCNN(GeneralizedRCNN):
         if not do_postprocess:
             return results
         processed = GeneralizedRCNN._postprocess(results, batched_inputs, image_sizes)
-        for out, score in zip(processed, defect_scores.tolist()):
-            out["defect_score"] = float(score)
+        for i, out in enumerate(processed):
+            # a float for users; a 0-dim tensor while tracing, so that the exported model computes it
+            out["defect_score"] = defect_scores[i] if tracing else float(defect_scores[i])
         return processed
 
     def _no_detections(self, image_size):

@@ -66,8 +66,9 @@ class DefectFCOS(FCOS):
                 topk_per_image=self.max_detections_per_image,
             )
         self.postprocess_params = postprocess_params
-        # candidates are pre-filtered at the lowest threshold that select_detections may still accept
-        self.test_score_thresh = min([postprocess_params.score_thresh] + list(postprocess_params.score_thresh_per_class or []))
+        # candidates are pre-filtered at the lowest threshold that select_detections may still accept (the
+        # per-class thresholds replace score_thresh when given)
+        self.test_score_thresh = min(postprocess_params.score_thresh_per_class or [postprocess_params.score_thresh])
 
     @classmethod
     def from_config(cls, cfg):
@@ -92,9 +93,10 @@ class DefectFCOS(FCOS):
             norm=c.HEAD_NORM,
             prior_prob=c.PRIOR_PROB,
         )
-        # start from the project's postprocess settings (soft-NMS etc.) and take FCOS's own thresholds
+        # start from the project's postprocess settings (soft-NMS etc.) and take FCOS's own thresholds;
+        # SCORE_THRESH_PER_CLASS must have one value per FCOS class (not per ROI_HEADS class)
         params = dataclasses.replace(
-            PostprocessParams.from_config(cfg),
+            PostprocessParams.from_config(cfg, num_classes=c.NUM_CLASSES),
             score_thresh=c.SCORE_THRESH_TEST,
             nms_thresh=c.NMS_THRESH_TEST,
             topk_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,

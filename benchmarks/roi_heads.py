@@ -10,6 +10,9 @@ data, then report the Pearson r between the predicted and the true IoU of the fi
 (true IoU: best IoU with a ground-truth box of the image), next to the r of the class score.
 
     DETECTRON2_DATASETS=datasets python benchmarks/roi_heads.py --iou-corr 300 --threads 2
+
+With ``--weights model_final.pth`` (a model trained by ``train_net.py`` on the IoU config) the training is
+skipped and the checkpoint is evaluated at the config's test size.
 """
 import copy
 import os
@@ -103,9 +106,17 @@ def iou_correlation(args):
     config = os.path.join(ROOT, "configs", "synthetic", args.iou_config)
     opts = small_opts(args) + ["SOLVER.IMS_PER_BATCH", str(args.batch), "DATALOADER.NUM_WORKERS", "0",
                                "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05"]
+    if args.weights:  # a trained checkpoint, evaluated at the config's own test size
+        opts = ["MODEL.DEVICE", args.device, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05"]
     cfg = load_config(config, opts)
     torch.manual_seed(0)
     model = build_model(cfg)
+    if args.weights:
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        DetectionCheckpointer(model).load(args.weights)
+        args.size = cfg.INPUT.MIN_SIZE_TEST
+        args.iou_corr = 0
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     loader = iter(build_detection_train_loader(cfg))
     model.train()
@@ -119,7 +130,7 @@ def iou_correlation(args):
             sum(losses.values()).backward()
             opt.step()
     model.eval()
-    mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(args.size, args.size * 2)],
+    mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(args.size, cfg.INPUT.MAX_SIZE_TEST)],
                            image_format=cfg.INPUT.FORMAT)
     pred, score, true = [], [], []
     with torch.no_grad():
@@ -132,7 +143,8 @@ def iou_correlation(args):
             pred.append(inst.pred_ious)
             score.append(inst.scores)
     pred, score, true = torch.cat(pred), torch.cat(score), torch.cat(true)
-    print(f"\n{args.iou_config}, {args.iou_corr} iterations x {args.batch} images, short side {args.size} px; "
+    what = args.weights or f"{args.iou_corr} iterations x {args.batch} images"
+    print(f"\n{args.iou_config}, {what}, short side {args.size} px; "
           f"val detections (score >= 0.05): {len(true)}")
     print(f"Pearson r(predicted IoU, true IoU) = {pearson(pred, true):.3f}")
     print(f"Pearson r(final score, true IoU)   = {pearson(score, true):.3f}")
@@ -147,10 +159,11 @@ def main():
     p.add_argument("--iou-config", default="faster_iou_r18_cpu.yaml", help="config under configs/synthetic/")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate of the --iou-corr training")
     p.add_argument("--val-images", type=int, default=200, help="val images used by --iou-corr")
+    p.add_argument("--weights", default="", help="with --iou-corr: evaluate this trained checkpoint, no training")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.iou_corr:
+    if args.iou_corr or args.weights:
         iou_correlation(args)
     else:
         timing(args)

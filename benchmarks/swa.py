@@ -6,7 +6,7 @@ One repeat = one SWA cycle of ``--cycle-iters`` training iterations; the candida
 the hook's per-iteration check and averages the weights at the cycle end. Real cycles are one epoch
 (hundreds to thousands of iterations), so the overhead measured with a short cycle is an upper bound.
 
-    DETECTRON2_DATASETS=/work/main/datasets python benchmarks/swa.py --cycle-iters 4 --repeats 5 --threads 2
+    DETECTRON2_DATASETS=$PWD/datasets python benchmarks/swa.py --cycle-iters 4 --repeats 5 --threads 2
 """
 import os
 import tempfile

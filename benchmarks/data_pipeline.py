@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of the dataset checks and of the defect augmentations, as ratios in one process.
 
-    DETECTRON2_DATASETS=/work/main/datasets python benchmarks/data_pipeline.py --repeats 5
+    DETECTRON2_DATASETS=datasets python benchmarks/data_pipeline.py --repeats 5
 
 1. loading ``synthetic_defects_train`` with all checks (every image decoded, cold cache) vs without
    checks, and the cached second load vs without checks;

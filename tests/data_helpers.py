@@ -1,5 +1,6 @@
 """Small hand-written fixtures in every annotation format (used by the dataset tests)."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -102,3 +103,23 @@ def boxes_by_image(coco, drop=()):
 def expected(drop=()):
     return {k: sorted((c, float(x0), float(y0), float(x1), float(y1)) for c, x0, y0, x1, y1 in b if c not in drop)
             for k, (_, _, b) in GT.items()}
+
+
+class capture_logs:
+    """``with capture_logs("d2_defects.data.coco") as msgs:`` collects the INFO+ messages of that logger,
+    whatever Detectron2's ``setup_logger`` did to propagation in this process."""
+
+    def __init__(self, name, level=logging.INFO):
+        self.logger, self.level, self.messages = logging.getLogger(name), level, []
+        self.handler = logging.Handler(level)
+        self.handler.emit = lambda record: self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self.old_level = self.logger.level
+        self.logger.setLevel(min(self.level, self.logger.getEffectiveLevel()))
+        self.logger.addHandler(self.handler)
+        return self.messages
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.old_level)

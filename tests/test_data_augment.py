@@ -1,5 +1,8 @@
 """Training mapper: default output when the new keys are off, 90-degree rotations, vertical flip,
-photometric jitter, copy-paste pixels/boxes, and RepeatFactorTrainingSampler on these datasets."""
+photometric jitter, copy-paste pixels/boxes, RepeatFactorTrainingSampler on these datasets, and normal
+images reaching the train loader of the defect configs."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,10 @@ from d2_defects import add_defects_config
 from d2_defects.data.augment import Rot90Transform
 from d2_defects.data.copy_paste import CopyPaste
 from d2_defects.data.mapper import DefectDatasetMapper, build_defect_train_mapper
+from d2_defects.engine.launch import load_config
 from d2_defects.engine.trainer import Trainer
+
+from conftest import ROOT, SMALL_CONFIG, TINY_OPTS
 
 
 def _cfg(**over):
@@ -198,3 +204,30 @@ def test_repeat_factor_sampler_works_with_normal_images_and_copy_paste(synthetic
     it = iter(loader)
     for _ in range(3):
         assert len(next(it)) == 2
+
+
+def _instances_per_image(loader, num_distinct, max_batches=60):
+    """{image_id: number of boxes} of the loader's samples, until ``num_distinct`` images were seen."""
+    seen, it = {}, iter(loader)
+    for _ in range(max_batches):
+        for d in next(it):
+            seen[d["image_id"]] = len(d["instances"])
+        if len(seen) >= num_distinct:
+            break
+    return seen
+
+
+@pytest.mark.parametrize("config", [os.path.join(ROOT, "configs", "Base-Defects-RCNN-FPN.yaml"), SMALL_CONFIG])
+def test_defect_configs_keep_normal_images_in_the_train_loader(synthetic_root, config):
+    cfg = load_config(config, [*TINY_OPTS, "DATASETS.TRAIN", "('tiny_defects_train',)", "DATASETS.TEST", "()"])
+    assert cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False
+    recs = DatasetCatalog.get("tiny_defects_train")
+    normal = {r["image_id"] for r in recs if not r["annotations"]}
+    assert normal and len(normal) < len(recs)
+    seen = _instances_per_image(Trainer.build_train_loader(cfg), len(recs))
+    assert set(seen) == {r["image_id"] for r in recs}
+    assert all(seen[i] == 0 for i in normal) and all(seen[i] > 0 for i in set(seen) - normal)
+    # control: with Detectron2's default the same loader never yields them
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+    seen = _instances_per_image(Trainer.build_train_loader(cfg), len(recs) - len(normal))
+    assert set(seen) == {r["image_id"] for r in recs} - normal

@@ -16,6 +16,7 @@ from d2_defects.data.formats import read_dataset, write_dataset
 from d2_defects.data.split import kfold_images, split_images
 
 from conftest import ROOT, SMALL_CONFIG, TINY_OPTS, run_train_net
+from data_helpers import boxes_by_image
 
 
 def _tool(name):
@@ -192,12 +193,117 @@ def test_tool_error_is_one_line(tmp_path):
 
 
 def test_visualize_data_draws_augmented_samples(synthetic_root, tmp_path, monkeypatch):
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.transforms import ResizeShortestEdge
+    from PIL import Image
+
     monkeypatch.setenv("DETECTRON2_DATASETS", synthetic_root)
     main = _tool("visualize_data")
-    assert main(["--config", SMALL_CONFIG, "--output", str(tmp_path / "vis"), "--num-images", "3",
+    assert main(["--config", SMALL_CONFIG, "--output", str(tmp_path / "vis"), "--num-images", "6",
                  "DATASETS.TRAIN", "('tiny_defects_train',)", "INPUT.MIN_SIZE_TRAIN", "(96,)",
-                 "INPUT.COPY_PASTE.ENABLED", "True", "INPUT.ROT90.ENABLED", "True"]) == 0
-    assert len(list((tmp_path / "vis").glob("*.png"))) == 3
+                 "INPUT.MAX_SIZE_TRAIN", "600", "INPUT.COPY_PASTE.ENABLED", "True",
+                 "INPUT.ROT90.ENABLED", "True", "INPUT.ROT90.PROB", "1.0"]) == 0
+    assert len(list((tmp_path / "vis").glob("*.png"))) == 6
+    samples = json.loads((tmp_path / "vis" / "samples.json").read_text(encoding="utf-8"))
+    recs = {r["file_name"]: r for r in DatasetCatalog.get("tiny_defects_train")}
+    assert len(samples) == 6 and all(r["width"] > r["height"] for r in recs.values())  # landscape sources
+    rotated = 0
+    for s in samples:
+        h, w = recs[s["file_name"]]["height"], recs[s["file_name"]]["width"]
+        upright = ResizeShortestEdge.get_output_shape(h, w, 96, 600)
+        turned = ResizeShortestEdge.get_output_shape(w, h, 96, 600)  # rotated by 90/270 before the resize
+        assert (s["height"], s["width"]) in (upright, turned)
+        rotated += (s["height"], s["width"]) == turned
+        with Image.open(tmp_path / "vis" / s["png"]) as im:
+            assert im.size == (s["width"], s["height"])  # the drawn PNG has the sample's size
+        boxes = np.asarray(s["boxes"]).reshape(-1, 4)
+        assert len(boxes) >= len(recs[s["file_name"]]["annotations"])  # copy-paste only adds
+        assert (boxes[:, :2] >= 0).all()
+        assert (boxes[:, 2] <= s["width"]).all() and (boxes[:, 3] <= s["height"]).all()
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+    assert rotated >= 1  # PROB 1.0: 90, 180 or 270 degrees; at least one sample turned on its side
+
+
+def test_tools_read_a_manifest_entry(voc_manifest, tmp_path, capsys):
+    manifest = str(voc_manifest / "manifest.yaml")
+    train = voc_manifest / "train"
+    src = read_dataset("voc", str(train / "Annotations"), str(train / "JPEGImages"))
+    want = boxes_by_image(src, drop=("背景",))
+    assert _tool("split_dataset")(["--manifest", manifest, "--dataset", "voc_train", "--method", "interval",
+                                   "--every", "4", "--output-dir", str(tmp_path / "splits")]) == 0
+    printed = capsys.readouterr().out
+    assert "| 瓶盖破损 |" in printed and "背景" not in printed
+    got = {}
+    for split in ("train", "val"):
+        part = json.loads((tmp_path / "splits" / f"{split}.json").read_text(encoding="utf-8"))
+        assert "背景" not in {c["name"] for c in part["categories"]}
+        got.update(boxes_by_image(part))
+    assert got == want  # every image and box of the entry, without the ignored class, in exactly one split
+
+    assert _tool("check_dataset")(["--manifest", manifest, "--dataset", "voc_train"]) == 0
+    out, err = capsys.readouterr()
+    n_boxes = sum(map(len, want.values()))
+    assert f"voc_train: {len(want)} images, {n_boxes} boxes, " in out and "; 0 problem(s) in 0 image(s)" in out
+    assert "checking images of voc_train" in err  # tqdm bar
+
+
+def _table_rows(text, first):
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first}")]
+
+
+def test_analyze_dataset_numbers_match_an_independent_count(tiny_coco, tmp_path):
+    from detectron2.data.transforms import ResizeShortestEdge, ResizeTransform
+    from pycocotools.cocoeval import Params
+
+    json_file, images = tiny_coco
+    short, max_size = 384, 500  # 256x192 and 512x384 images: the max size decides, with exact factors
+    assert _tool("analyze_dataset")(["--format", "coco", "--annotations", json_file, "--images", images,
+                                     "--config", SMALL_CONFIG, "--output-dir", str(tmp_path / "an"),
+                                     "INPUT.MIN_SIZE_TRAIN", f"({short},)", "INPUT.MAX_SIZE_TRAIN",
+                                     str(max_size)]) == 0
+    text = (tmp_path / "an" / "tables.md").read_text(encoding="utf-8")
+    coco = json.loads(open(json_file, encoding="utf-8").read())
+    imgs = {i["id"]: i for i in coco["images"]}
+    lim = dict(zip(Params(iouType="bbox").areaRngLbl, Params(iouType="bbox").areaRng))
+
+    normal = len(imgs) - len({a["image_id"] for a in coco["annotations"]})
+    assert normal > 0
+    head = next(line for line in text.splitlines() if line.startswith("images: "))
+    assert head.startswith(f"images: {len(imgs)}, boxes: {len(coco['annotations'])}, normal images: {normal} (")
+    assert float(head.rsplit("(", 1)[1].rstrip("%)")) == pytest.approx(100 * normal / len(imgs), abs=0.051)
+
+    rows = {r[0]: r for r in _table_rows(text, "") if len(r) == 7 and r[0] != "class"}
+    buckets = set()
+    for cat in coco["categories"]:
+        anns = [a for a in coco["annotations"] if a["category_id"] == cat["id"]]
+        row = rows[cat["name"]]
+        assert int(row[1]) == len(anns) and int(row[2]) == len({a["image_id"] for a in anns})
+        if not anns:
+            continue
+        wh = np.array([a["bbox"][2:] for a in anns], dtype=np.float64)
+        resized = []
+        for a in anns:
+            img = imgs[a["image_id"]]
+            newh, neww = ResizeShortestEdge.get_output_shape(img["height"], img["width"], short, max_size)
+            x, y, w, h = a["bbox"]
+            resize = ResizeTransform(img["height"], img["width"], newh, neww)
+            box = resize.apply_box(np.array([[x, y, x + w, y + h]]))[0]
+            resized.append([box[2] - box[0], box[3] - box[1]])
+        resized = np.array(resized)
+        area = resized[:, 0] * resized[:, 1]
+        sml = [int(((area >= lim[k][0]) & (area < lim[k][1])).sum()) for k in ("small", "medium", "large")]
+        assert row[5] == "/".join(map(str, sml)), cat["name"]
+        buckets |= {k for k, n in zip(("small", "medium", "large"), sml) if n}
+        for col, arr in ((3, wh), (4, resized)):
+            w_med, h_med = (float(v) for v in row[col].split(" x "))
+            assert (w_med, h_med) == pytest.approx(tuple(np.median(arr, axis=0)), abs=0.051), (cat["name"], col)
+        assert float(row[6]) == pytest.approx(np.median(wh[:, 1] / wh[:, 0]), abs=0.0051)
+    assert buckets == {"small", "medium", "large"}  # the resize spreads the boxes over all three
+    sizes = {f"{i['width']}x{i['height']}": 0 for i in imgs.values()}
+    for i in imgs.values():
+        sizes[f"{i['width']}x{i['height']}"] += 1
+    assert {r[0]: int(r[1]) for r in _table_rows(text, "") if r[0] in sizes} == sizes
 
 
 @pytest.fixture(scope="module")

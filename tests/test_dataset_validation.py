@@ -1,13 +1,17 @@
 import json
 import os
+import re
 import shutil
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from d2_defects.data import DatasetError, load_coco_defects, register_coco_defects
+from d2_defects.data.manifest import register_from_config
+from d2_defects.engine.launch import load_config
 
 from conftest import SMALL_CONFIG, TINY_OPTS, run_train_net
+from data_helpers import capture_logs
 
 
 def _copy_dataset(synthetic_root, tmp_path):
@@ -88,3 +92,41 @@ def test_register_rejects_wrong_number_of_class_weights(synthetic_root):
         register_coco_defects("tmp_bad_weights", os.path.join(base, "annotations", "instances_val.json"),
                               os.path.join(base, "val"), class_weights=[0.5, 0.5])
     DatasetCatalog.remove("tmp_bad_weights") if "tmp_bad_weights" in DatasetCatalog.list() else None
+
+
+def test_image_checks_log_counts_and_time(synthetic_root, tmp_path):
+    dst, path, coco = _copy_dataset(synthetic_root, tmp_path)  # new paths: not in this process's cache
+    os.remove(dst / "train" / coco["images"][0]["file_name"])
+    n = len(coco["images"])
+    with capture_logs("d2_defects.data.coco") as msgs:
+        load_coco_defects(str(path), str(dst / "train"), validation="warn")
+        load_coco_defects(str(path), str(dst / "train"), validation="warn")
+    lines = [m for m in msgs if "image files in" in m]
+    head = re.escape(f"{path}: checked {n} image files in ") + r"\d+\.\d s "
+    assert len(lines) == 2, msgs
+    assert re.fullmatch(head + re.escape(f"({n - 1} decoded, 0 from this process's cache, 1 missing)"), lines[0])
+    assert re.fullmatch(head + re.escape(f"(0 decoded, {n - 1} from this process's cache, 1 missing)"), lines[1])
+    with capture_logs("d2_defects.data.coco") as msgs:
+        load_coco_defects(str(path), str(dst / "train"), validation="none")
+    assert not [m for m in msgs if "image files in" in m]  # no checks, no decoding
+
+
+def test_validation_and_ignore_keys_apply_to_manifest_datasets_only(synthetic_root, tmp_path):
+    base = os.path.join(synthetic_root, "synthetic_defects")
+    (tmp_path / "m.yaml").write_text(
+        f"datasets:\n  - name: tiny_manifest_train\n    format: coco\n"
+        f"    annotations: {os.path.join(base, 'annotations', 'instances_train.json')}\n"
+        f"    images: {os.path.join(base, 'train')}\n", encoding="utf-8")
+    builtin_classes = list(MetadataCatalog.get("tiny_defects_train").thing_classes)
+    assert "stain" in builtin_classes
+    opts = ["DATASETS.MANIFEST", str(tmp_path / "m.yaml"), "DATASETS.IGNORE_CATEGORIES", "['stain']",
+            "DATASETS.TEST", "()"]
+    with capture_logs("d2_defects.data.manifest") as msgs:
+        register_from_config(load_config(SMALL_CONFIG, opts + ["DATASETS.TRAIN", "('tiny_manifest_train',)"]))
+    assert MetadataCatalog.get("tiny_manifest_train").thing_classes == [c for c in builtin_classes if c != "stain"]
+    assert not [m for m in msgs if "MANIFEST only" in m]
+    with capture_logs("d2_defects.data.manifest") as msgs:
+        register_from_config(load_config(SMALL_CONFIG, opts + ["DATASETS.TRAIN", "('tiny_defects_train',)"]))
+    assert MetadataCatalog.get("tiny_defects_train").thing_classes == builtin_classes
+    warning = "apply to the datasets of DATASETS.MANIFEST only; tiny_defects_train keep(s)"
+    assert any(warning in m for m in msgs), msgs

@@ -19,7 +19,7 @@ import sys
 from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers the built-in datasets
-from d2_defects.data.coco import clip_boxes, image_size, validate_coco_dict
+from d2_defects.data.coco import clip_boxes, validate_coco_dict
 from d2_defects.data.formats import write_coco
 from d2_defects.data.source import add_source_args, check_output, load_source, run_tool
 from d2_defects.data.split import subset_coco
@@ -35,13 +35,10 @@ def main(argv=None):
     if args.fix_output:
         check_output(args.fix_output, args.overwrite, protected=[args.annotations])
     coco, root, label = load_source(args, progress=tqdm)
-    if root:
-        for img in tqdm(coco["images"], desc="decoding images"):
-            image_size(os.path.join(root, img["file_name"]))
     if args.clip:
         coco, n = clip_boxes(coco)
         print(f"clipped {n} box(es) to their image")
-    problems, bad = validate_coco_dict(coco, label, root, check_files=bool(root))
+    problems, bad = validate_coco_dict(coco, label, root, check_files=bool(root), progress=True)
     for line in problems:
         print(line)
     n_img, n_ann = len(coco["images"]), len(coco["annotations"])

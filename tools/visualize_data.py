@@ -5,9 +5,11 @@ jitter, copy-paste) with their boxes to PNG files.
     python tools/visualize_data.py --config configs/synthetic/cascade_r18_cpu.yaml --output output/train_samples \
         INPUT.COPY_PASTE.ENABLED True INPUT.ROT90.ENABLED True
 
-Trailing KEY VALUE pairs override the config. Uses DATASETS.TRAIN (and DATASETS.MANIFEST).
+Trailing KEY VALUE pairs override the config. Uses DATASETS.TRAIN (and DATASETS.MANIFEST). Next to the
+PNGs, samples.json lists each drawn sample's size after augmentation and its boxes (XYXY) and class ids.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -46,6 +48,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     os.makedirs(args.output, exist_ok=True)
     order = np.random.permutation(len(dataset))[: args.num_images]
+    samples = []  # what was drawn: image size after augmentation, boxes (XYXY) and contiguous class ids
     for n, i in enumerate(tqdm(order, desc="drawing")):
         d = mapper(dataset[i])
         img = d["image"].permute(1, 2, 0).numpy()
@@ -55,8 +58,14 @@ def main(argv=None):
         labels = [meta.thing_classes[c] for c in inst.gt_classes.tolist()] if hasattr(meta, "thing_classes") else None
         vis = Visualizer(img, metadata=meta).overlay_instances(boxes=inst.gt_boxes.tensor.numpy(), labels=labels)
         name = os.path.splitext(os.path.basename(dataset[i]["file_name"]))[0]
-        vis.save(os.path.join(args.output, f"{n:03d}_{name}.png"))
-    print(f"wrote {len(order)} image(s) to {args.output}")
+        png = f"{n:03d}_{name}.png"
+        vis.save(os.path.join(args.output, png))
+        samples.append({"png": png, "file_name": dataset[i]["file_name"], "height": img.shape[0],
+                        "width": img.shape[1], "boxes": inst.gt_boxes.tensor.tolist(),
+                        "classes": inst.gt_classes.tolist()})
+    with open(os.path.join(args.output, "samples.json"), "w", encoding="utf-8") as f:
+        json.dump(samples, f, ensure_ascii=False, indent=1)
+    print(f"wrote {len(order)} image(s) and samples.json to {args.output}")
     return 0
 
 

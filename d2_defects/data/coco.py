@@ -11,13 +11,15 @@ Unlike ``detectron2.data.datasets.load_coco_json`` this loader
 
 Validation modes (``DATASETS.VALIDATION``): ``"error"`` raises one summary error, ``"warn"`` logs the
 problems and drops the images concerned, ``"clip"`` clips boxes that stick out of their image into it and
-raises on every other problem, ``"none"`` skips the checks.  Image files are opened once per process
-(the result is cached by path, size and modification time).
+raises on every other problem, ``"none"`` skips the checks.  Image files are decoded once per process
+(the result is cached in memory by path, size and modification time); the first check of a dataset
+logs how many images it decoded and how long it took, with a tqdm bar on an interactive terminal.
 """
 import copy
 import json
 import logging
 import os
+import time
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -82,7 +84,20 @@ def image_size(path):
     return _IMAGE_CACHE[key]
 
 
-def validate_coco_dict(coco, json_file, image_root, check_files=True):
+def _progress(images, source, progress):
+    """``images`` wrapped in a tqdm bar: ``progress`` True always, None on an interactive terminal of the
+    main process only (training logs get the summary line of :func:`validate_coco_dict` instead)."""
+    if progress is False:
+        return images
+    from detectron2.utils import comm
+    from tqdm import tqdm
+
+    # disable=None: tqdm shows the bar only if its output is a terminal
+    disable = False if progress else (None if comm.is_main_process() else True)
+    return tqdm(images, desc=f"checking images of {os.path.basename(source)}", unit="img", disable=disable)
+
+
+def validate_coco_dict(coco, json_file, image_root, check_files=True, progress=None):
     """
     Check a parsed COCO dict for the errors that otherwise surface as obscure failures during training.
 
@@ -91,7 +106,10 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True):
         json_file (str): its path, used in messages.
         image_root (str): folder that ``file_name`` is relative to.
         check_files (bool): also check that every image file exists, decodes and has the size given
-            in the annotation.
+            in the annotation. Every image not yet in this process's cache is decoded (the costly
+            part); the counts and time are logged at INFO level.
+        progress (bool or None): tqdm bar over the image files (None: only on an interactive terminal,
+            main process).
 
     Returns:
         list[str]: problems, each naming the file, image id and annotation id; empty if valid.
@@ -103,7 +121,8 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True):
         return [f"{json_file}: the dataset has no images"], bad_images
     cat_ids = {c["id"] for c in coco.get("categories", [])}
     seen_ids, seen_names, sizes = set(), set(), {}
-    for img in images:
+    start, cached_before, missing = time.perf_counter(), len(_IMAGE_CACHE), 0
+    for img in _progress(images, json_file, progress) if check_files else images:
         iid = img.get("id")
         fname = img.get("file_name")
         if iid in seen_ids:
@@ -119,6 +138,7 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True):
             path = os.path.join(image_root, fname)
             size, err = image_size(path)
             if err == "image file not found":
+                missing += 1
                 problems.append(f"image id {iid}: image file not found: {path}")
                 bad_images.add(iid)
             elif err is not None:
@@ -130,6 +150,13 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True):
                     f"annotation's {img.get('width')}x{img.get('height')}"
                 )
                 bad_images.add(iid)
+    if check_files:
+        decoded = len(_IMAGE_CACHE) - cached_before
+        cached = len(images) - decoded - missing
+        logger.info(
+            f"{json_file}: checked {len(images)} image files in {time.perf_counter() - start:.1f} s "
+            f"({decoded} decoded, {cached} from this process's cache, {missing} missing)"
+        )
     for ann in coco.get("annotations", []):
         aid, iid = ann.get("id"), ann.get("image_id")
         where = f"annotation id {aid} (image id {iid}"

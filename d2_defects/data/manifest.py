@@ -204,6 +204,9 @@ def register_from_config(cfg, check=("TRAIN", "TEST")):
     """
     Register ``cfg.DATASETS.MANIFEST`` and check that the dataset names of ``DATASETS.<check>`` exist.
     Also checks the ``DATASETS.VALIDATION`` and ``INPUT.*`` augmentation values (``ValueError`` naming the key).
+    ``DATASETS.VALIDATION`` / ``IGNORE_CATEGORIES`` apply to the manifest's datasets only (a warning names
+    the other datasets of ``DATASETS.<check>`` when they are set): built-in datasets and those registered
+    from Python keep the ``validation`` / ``ignore`` they were registered with.
     """
     from .augment import check_augmentation_config
 
@@ -218,4 +221,11 @@ def register_from_config(cfg, check=("TRAIN", "TEST")):
     if unknown:
         where = f" (manifest {cfg.DATASETS.MANIFEST} has: {', '.join(names)})" if cfg.DATASETS.MANIFEST else ""
         raise DatasetError("DATASETS." + "/".join(check), [f"dataset '{n}' is not registered{where}" for n in unknown])
+    if cfg.DATASETS.VALIDATION != "error" or cfg.DATASETS.IGNORE_CATEGORIES:
+        others = sorted({n for key in check for n in cfg.DATASETS[key] if n not in names})
+        if others:
+            logger.warning(
+                f"DATASETS.VALIDATION / DATASETS.IGNORE_CATEGORIES apply to the datasets of DATASETS.MANIFEST "
+                f"only; {', '.join(others)} keep(s) the validation and ignore list given at registration"
+            )
     return names

@@ -5,17 +5,24 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 
 from conftest import ROOT
 from d2_defects.evaluation import evaluate_detections, load_predictions
-from d2_defects.evaluation.analysis import PLOT_FILES, confusion_matrix
+from d2_defects.evaluation.analysis import CLASS_INDEX_FILE, PLOT_FILES, confusion_matrix, write_analysis_plots
 from d2_defects.evaluation.scoring import DefectEvalSettings
+from d2_defects.evaluation.tuning import ThresholdScorer
+from d2_defects.modeling.postprocess import PostprocessParams, select_detections
+from d2_defects.utils.fonts import font_family_for, plot_labels
 
 DS = "tiny_defects_train"  # 16 images, 4 of them normal
 
@@ -105,32 +112,148 @@ def test_confusion_matrix_by_hand():
     np.testing.assert_array_equal(cm, [[1, 0, 0, 0], [1, 0, 1, 1]])
 
 
-def test_tune_thresholds_improves_the_score_it_reports(synthetic_root, tmp_path, capsys):
+def _postprocess(preds, thresholds):
+    """Keep the detections the model's postprocessing keeps with these per-class thresholds (NMS off:
+    the saved detections are already the model's NMS output; IoU <= 1 never exceeds 1.0)."""
+    params = PostprocessParams(score_thresh_per_class=list(thresholds), nms_thresh=1.0, topk_per_image=-1)
+    out = []
+    for p in preds:
+        boxes = BoxMode.convert(torch.as_tensor(p["boxes"]).reshape(-1, 4), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
+        scores = torch.as_tensor(p["scores"], dtype=torch.float32)  # the model's score dtype
+        keep, _ = select_detections(boxes.float(), scores, torch.as_tensor(p["classes"]), params)
+        keep = np.sort(keep.numpy())
+        out.append(dict(p, boxes=p["boxes"][keep], scores=p["scores"][keep], classes=p["classes"][keep]))
+    return out
+
+
+@pytest.mark.parametrize("score_thresh,score_map", [(0.05, "weighted_mAP"), (0.6, "mAP")])
+def test_tune_thresholds_reproduced_by_the_model_postprocessing(synthetic_root, tmp_path, capsys, score_thresh,
+                                                                score_map):
     records = DatasetCatalog.get(DS)
-    # confident false boxes (0.55-0.7) below the true ones (0.75-1): thresholds ~0.7 fix ACC, keep AP
+    # confident false boxes (0.55-0.7) below the true ones (0.75-1): thresholds ~0.7 fix ACC, keep AP;
+    # scores on a 0.01 grid, so candidate thresholds tie with detection scores
     sim = _simulate(records, seed=1, fp_score=(0.55, 0.7), tp_score=(0.75, 1.0), min_fp=1)
+    for e in sim:
+        for d in e["instances"]:
+            d["score"] = round(d["score"], 2)
+    sim[0]["instances"].append(dict(sim[0]["instances"][0], score=score_thresh))  # the model never returns it
     path = tmp_path / "dets.json"
     path.write_text(json.dumps(sim))
-    opts = ["TEST.DEFECT_EVAL.IOU", "fabric", "TEST.DEFECT_EVAL.ACC_WEIGHT", "0.2", "TEST.DEFECT_EVAL.MAP_WEIGHT", "0.8"]
+    opts = ["TEST.DEFECT_EVAL.IOU", "fabric", "TEST.DEFECT_EVAL.ACC_WEIGHT", "0.2",
+            "TEST.DEFECT_EVAL.MAP_WEIGHT", "0.8", "TEST.DEFECT_EVAL.SCORE_MAP", score_map, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(score_thresh)]
     assert _tool("tune_thresholds").main(["--predictions", str(path), "--dataset", DS, *opts]) == 0
     out = capsys.readouterr().out
     before = float(re.search(r"score before: ([\d.]+)", out).group(1))
     after = float(re.search(r"score after:\s+([\d.]+)", out).group(1))
     line = re.search(r"^MODEL\.ROI_HEADS\.SCORE_THRESH_PER_CLASS \[(.*)\]$", out, re.M)
     thresholds = [float(v) for v in line.group(1).split(",")]
-    assert len(thresholds) == len(MetadataCatalog.get(DS).thing_classes)
-    assert after > before
-    # oracle: drop the detections below the printed thresholds and evaluate from scratch
-    settings = DefectEvalSettings(iou="fabric", acc_weight=0.2, map_weight=0.8)
     meta = MetadataCatalog.get(DS)
+    assert len(thresholds) == len(meta.thing_classes)
+    assert min(thresholds) >= score_thresh  # never below what the model applies already
+    assert after > before
+    # oracle: the model's postprocessing with the printed line on the saved detections, scored from scratch
+    settings = DefectEvalSettings(iou="fabric", acc_weight=0.2, map_weight=0.8, score_map=score_map)
     preds = load_predictions(str(path), DS)
     full = evaluate_detections(records, preds, meta.thing_classes, settings, metadata_weights=meta.thing_class_weights)
-    for p in preds:
-        keep = p["scores"] >= np.asarray(thresholds)[p["classes"]]
-        p.update(boxes=p["boxes"][keep], scores=p["scores"][keep], classes=p["classes"][keep])
-    tuned = evaluate_detections(records, preds, meta.thing_classes, settings, metadata_weights=meta.thing_class_weights)
+    tuned = evaluate_detections(records, _postprocess(preds, thresholds), meta.thing_classes, settings,
+                                metadata_weights=meta.thing_class_weights)
     assert full.score == pytest.approx(before, abs=0.01)
     assert tuned.score == pytest.approx(after, abs=0.01)
+
+
+def test_threshold_scorer_keeps_what_postprocessing_keeps(synthetic_root, tmp_path):
+    """Thresholds equal to detection scores: the scorer drops those detections, like ``score > threshold``."""
+    records = DatasetCatalog.get(DS)
+    sim = _simulate(records, seed=2)
+    for e in sim:
+        for d in e["instances"]:
+            d["score"] = round(d["score"], 1)  # many ties
+    meta = MetadataCatalog.get(DS)
+    preds = load_predictions_from(sim, tmp_path)
+    settings = DefectEvalSettings(iou="fabric", acc_weight=0.5, map_weight=0.5, image_score_threshold=0.3)
+    res = evaluate_detections(records, preds, meta.thing_classes, settings, metadata_weights=meta.thing_class_weights)
+    scorer = ThresholdScorer(res)
+    K = len(meta.thing_classes)
+    for thresholds in ([0.3] * K, [0.5] * K, [float(np.median(c["scores"])) if len(c["scores"]) else 0.0
+                                              for c in res.curves]):
+        oracle = evaluate_detections(records, _postprocess(preds, thresholds), meta.thing_classes, settings,
+                                     metadata_weights=meta.thing_class_weights)
+        assert scorer.score(thresholds) == pytest.approx(oracle.score), thresholds
+        assert scorer.accuracy(thresholds) == pytest.approx(oracle.acc), thresholds
+
+
+def _glyph_warnings(caught):
+    return [str(w.message) for w in caught if "Glyph" in str(w.message) and "missing" in str(w.message)]
+
+
+def _register_renamed(name, class_names):
+    """``DS``'s images and annotations under other class names."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    src = MetadataCatalog.get(DS)
+    DatasetCatalog.register(name, lambda: DatasetCatalog.get(DS))
+    MetadataCatalog.get(name).set(thing_classes=list(class_names),
+                                  thing_dataset_id_to_contiguous_id=dict(src.thing_dataset_id_to_contiguous_id),
+                                  thing_class_weights=list(src.thing_class_weights))
+    return name
+
+
+def _assert_images(folder):
+    for name in PLOT_FILES.values():
+        im = np.asarray(Image.open(folder / name).convert("L"))
+        assert im.shape[0] > 200 and im.shape[1] > 200, name
+        assert im.std() > 5, f"{name} looks blank"
+
+
+def test_chinese_class_names_draw_without_missing_glyphs(predictions, tmp_path, capsys):
+    names = ["瓶盖破损", "瓶盖变形", "瓶盖坏边", "标贴歪斜", "喷码正常", "喷码异常"]
+    assert len(names) == len(MetadataCatalog.get(DS).thing_classes)
+    ds = _register_renamed("cjk_defects_train", names)
+    out = tmp_path / "analysis"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        argv = ["--predictions", predictions, "--dataset", ds, "--output", str(out)]
+        assert _tool("analyze_results").main(argv) == 0
+    assert _glyph_warnings(caught) == []
+    _assert_images(out)
+    # with a font for the names they are drawn; without one the plots say "class <i>" and a file maps them
+    if font_family_for(names) is None:
+        index = (out / CLASS_INDEX_FILE).read_text(encoding="utf-8")
+        for i, n in enumerate(names):
+            assert f"| class {i} | {n} |" in index
+        assert CLASS_INDEX_FILE in capsys.readouterr().out
+    else:
+        assert not (out / CLASS_INDEX_FILE).exists()
+
+
+def test_font_fallback_draws_names_the_default_font_lacks(tmp_path):
+    # U+1D25 is in DejaVu Serif (shipped with matplotlib) but not in DejaVu Sans, the default font
+    names = ["hole", "\u1d25-dent", "spot", "stain", "bubble", "crack"]
+    labels, rc, indexed = plot_labels(names)
+    assert labels == names and not indexed and len(rc["font.family"]) > 1
+    with warnings.catch_warnings(record=True) as caught:  # control: without the fallback the glyph is missing
+        warnings.simplefilter("always")
+        fig = Figure()
+        FigureCanvasAgg(fig)
+        fig.add_subplot().set_title(names[1])
+        fig.savefig(tmp_path / "control.png")
+    assert _glyph_warnings(caught)
+    records = DatasetCatalog.get(DS)
+    preds = load_predictions_from(_simulate(records), tmp_path)
+    res = evaluate_detections(records, preds, names, DefectEvalSettings())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = write_analysis_plots(res, str(tmp_path), num_worst=2)
+    assert _glyph_warnings(caught) == []
+    assert "class_index" not in paths
+    _assert_images(tmp_path)
+
+
+def load_predictions_from(sim, folder):
+    path = folder / "sim.json"
+    path.write_text(json.dumps(sim))
+    return load_predictions(str(path), DS)
 
 
 def test_tools_bad_input_is_one_line(synthetic_root, tmp_path, capsys):

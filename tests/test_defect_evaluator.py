@@ -1,5 +1,6 @@
 """DefectEvaluator: pycocotools parity, hand-computed presets, normal images, absent classes, zero
-detections, the image-level score contract, config errors, distributed gathering and the Trainer hook."""
+detections, the image-level score contract, the mAP in the score, the logged per-class table, config
+errors, distributed gathering and the Trainer hook."""
 import contextlib
 import io
 import json
@@ -14,8 +15,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode, Boxes, Instances
 
 from d2_defects import add_defects_config
-from d2_defects.evaluation import DefectEvaluator, bottle_iou_threshold, evaluate_detections
+from d2_defects.evaluation import DefectEvaluator, bottle_iou_threshold, defect_eval_settings, evaluate_detections
 from d2_defects.evaluation.scoring import DefectEvalSettings
+from d2_defects.evaluation.tuning import ThresholdScorer
 
 
 def _register(name, records, classes, weights=None):
@@ -240,6 +242,91 @@ def test_model_defect_score_overrides_detection_scores():
     assert r["mAP"] == r2["mAP"] == pytest.approx(50)
 
 
+def test_images_without_detections_are_never_defective_at_threshold_0():
+    recs = [_rec(1, [(0, [0, 0, 50, 50])]), _rec(2, []), _rec(3, []), _rec(4, [(0, [0, 0, 50, 50])]),
+            _rec(5, [])]
+    name = _register("acc0_ds", recs, ["a"])
+    # a normal image with no boxes, alone: right
+    assert _run(name, {2: _output([])}, image_score_threshold=0.0)["ACC"] == pytest.approx(100)
+    outputs = {1: _output([(0, [0, 0, 50, 50], 0.3)]), 2: _output([]), 3: {}, 4: _output([]),
+               5: _output([(0, [100, 100, 20, 20], 0.0)])}
+    # 1: defective, box 0.3 >= 0 (right); 2, 3: normal, no detections (right); 4: defective, no detections
+    # (wrong); 5: normal with a submitted box, even of score 0 (wrong)
+    assert _run(name, outputs, image_score_threshold=0.0)["ACC"] == pytest.approx(60)
+
+    # the threshold tuner: a class threshold t keeps the boxes scoring > t (as the model's postprocessing)
+    preds = _to_predictions([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50], "score": 0.3},
+                             {"image_id": 5, "category_id": 1, "bbox": [100, 100, 20, 20], "score": 0.0}])
+    settings = DefectEvalSettings(image_score_threshold=0.0)
+    res = evaluate_detections(recs, preds, ["a"], settings)
+    scorer = ThresholdScorer(res)
+    assert res.acc == pytest.approx(60) and scorer.accuracy([-np.inf]) == pytest.approx(60)
+    for t, acc in ((0.0, 80), (0.3, 60)):  # 0.0 drops image 5's box; 0.3 drops image 1's box as well
+        kept = [dict(p, boxes=p["boxes"][p["scores"] > t], scores=p["scores"][p["scores"] > t],
+                     classes=p["classes"][p["scores"] > t]) for p in preds]
+        assert evaluate_detections(recs, kept, ["a"], settings).acc == pytest.approx(acc)
+        assert scorer.accuracy([t]) == pytest.approx(acc), t
+
+
+@pytest.mark.parametrize("score_map", ["weighted_mAP", "mAP"])
+def test_score_map_chooses_the_mean_in_score(score_map):
+    recs = [_rec(1, [(0, [0, 0, 50, 50]), (1, [100, 0, 50, 50])]),
+            _rec(2, [(2, [0, 0, 50, 50]), (2, [100, 100, 50, 50])]), _rec(3, [])]
+    name = _register("score_map_ds", recs, ["a", "b", "c"], weights=[0.6, 0.3, 0.1])
+    dets = {1: [(0, [0, 0, 50, 50], 0.9), (1, [300, 300, 20, 20], 0.8)], 2: [(2, [0, 0, 50, 50], 0.7)],
+            3: [(1, [10, 10, 20, 20], 0.6)]}
+    outputs = {i: _output(d) for i, d in dets.items()}
+    cfg = add_defects_config(get_cfg())
+    cfg.merge_from_list(["TEST.DEFECT_EVAL.IOU", "voc", "TEST.DEFECT_EVAL.AP_METHOD", "voc",
+                         "TEST.DEFECT_EVAL.ACC_WEIGHT", "0.2", "TEST.DEFECT_EVAL.MAP_WEIGHT", "0.8",
+                         "TEST.DEFECT_EVAL.SCORE_MAP", score_map])
+    r = _run(name, outputs, cfg=cfg)
+    # a: AP 100; b: two false boxes, AP 0; c: 1 of 2 boxes at precision 1, VOC AP 50
+    assert (r["AP-a"], r["AP-b"], r["AP-c"]) == (pytest.approx(100), 0, pytest.approx(50))
+    assert r["mAP"] == pytest.approx(50)
+    assert r["weighted_mAP"] == pytest.approx(0.6 * 100 + 0.3 * 0 + 0.1 * 50)
+    assert r["ACC"] == pytest.approx(200 / 3)  # image 3 (normal) has a 0.6 box
+    expected_map = 65 if score_map == "weighted_mAP" else 50
+    assert r["score"] == pytest.approx(0.2 * 200 / 3 + 0.8 * expected_map)
+    # the threshold tuner scores with the same mean
+    preds = _to_predictions([{"image_id": i, "category_id": c + 1, "bbox": b, "score": sc}
+                             for i, d in dets.items() for c, b, sc in d])
+    res = evaluate_detections(recs, preds, ["a", "b", "c"], defect_eval_settings(cfg),
+                              metadata_weights=[0.6, 0.3, 0.1])
+    assert res.score == pytest.approx(r["score"])
+    assert ThresholdScorer(res).score([-np.inf] * 3) == pytest.approx(r["score"])
+
+
+def test_per_class_table_is_logged(caplog):
+    recs = [_rec(1, [(0, [0, 0, 50, 50])]), _rec(2, [(1, [10, 10, 50, 50])]), _rec(3, [])]
+    name = _register("table_ds", recs, ["a", "b", "c"], weights=[0.5, 0.2, 0.3])
+    outputs = {1: _output([(0, [0, 0, 50, 50], 0.9)]),
+               2: _output([(1, [300, 300, 20, 20], 0.8), (1, [10, 10, 50, 50], 0.4)]), 3: _output([])}
+    log = logging.getLogger("d2_defects.evaluation.defect_evaluator")
+    log.addHandler(caplog.handler)  # also when an earlier setup_logger stopped propagation
+    try:
+        with caplog.at_level(logging.INFO, logger=log.name):
+            _run(name, outputs, iou="fabric")
+    finally:
+        log.removeHandler(caplog.handler)
+    lines = caplog.text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| class"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    header, sep, rows = table[0], table[1], table[2:]
+    assert header == ["class", "AP", "AP@0.1", "AP@0.3", "AP@0.5", "weight", "#GT", "#det", "recall"]
+    assert all(set(c) <= set(":-") for c in sep)
+    assert [r[0] for r in rows] == ["a", "b", "c"]  # one row per class, dataset order
+    values = {r[0]: [float(v) for v in r[1:]] for r in rows}
+    np.testing.assert_allclose(values["a"], [100, 100, 100, 100, 0.5, 1, 1, 100])
+    # b: a false box (0.8) before the true one (0.4): precision 1/2 at recall 1, 101-point AP 50
+    np.testing.assert_allclose(values["b"], [50, 50, 50, 50, 0.2, 1, 2, 100])
+    assert all(math.isnan(v) for v in values["c"][:4] + values["c"][-1:]) and values["c"][4:7] == [0.3, 0, 0]
+
+
 def test_outputs_written(tmp_path):
     name = _register("files_ds", [_rec(1, [(0, [0, 0, 50, 50])]), _rec(2, [])], ["a", "b"])
     ev = DefectEvaluator(name, output_dir=str(tmp_path), distributed=False)
@@ -262,6 +349,7 @@ def test_outputs_written(tmp_path):
     ("CLASS_WEIGHTS", [-1.0, 1.0, 1.0], "TEST.DEFECT_EVAL.CLASS_WEIGHTS"),
     ("IMAGE_SCORE_THRESHOLD", 1.5, "TEST.DEFECT_EVAL.IMAGE_SCORE_THRESHOLD"),
     ("ACC_WEIGHT", -0.2, "TEST.DEFECT_EVAL.ACC_WEIGHT"),
+    ("SCORE_MAP", "weighted", "TEST.DEFECT_EVAL.SCORE_MAP"),
 ])
 def test_config_errors_name_the_key(key, value, message):
     name = _register("cfg_ds", [_rec(1, [])], ["a", "b", "c"])

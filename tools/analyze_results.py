@@ -7,7 +7,9 @@
 
 Writes per_class_ap.png, ap_vs_num_annotations.png, ap_vs_box_size.png, ap_vs_aspect_ratio.png,
 pr_curves.png, confusion_matrix.png (with "missed" and "background" columns) and worst_images.png,
-plus defect_metrics.json. Predictions: the evaluator's defect_detections.json or a COCO results json
+plus defect_metrics.json. Class names the default font lacks glyphs for (Chinese ones) are drawn with an
+installed font that has them; without one the plots label classes "class <i>" and class_index.md lists
+index -> name. Predictions: the evaluator's defect_detections.json or a COCO results json
 (coco_instances_results.json).
 """
 import argparse
@@ -18,7 +20,7 @@ import sys
 from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers datasets
-from d2_defects.evaluation.analysis import PLOT_FILES, write_analysis_plots
+from d2_defects.evaluation.analysis import CLASS_INDEX_FILE, PLOT_FILES, write_analysis_plots
 from d2_defects.evaluation.cli import USER_ERRORS, add_common_args, evaluate_saved, report_error
 
 
@@ -35,11 +37,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.predictions)), "analysis")
     try:
-        existing = [f for f in list(PLOT_FILES.values()) + ["defect_metrics.json"] if os.path.exists(os.path.join(out, f))]
+        outputs = list(PLOT_FILES.values()) + ["defect_metrics.json", CLASS_INDEX_FILE]
+        existing = [f for f in outputs if os.path.exists(os.path.join(out, f))]
         if existing and not args.overwrite:
             raise ValueError(f"{os.path.join(out, existing[0])} exists (and {len(existing) - 1} more); "
                              "use --overwrite to replace")
-        result = evaluate_saved(args)
+        result, _ = evaluate_saved(args)
         thr = result.settings.image_score_threshold if args.score_threshold is None else args.score_threshold
         os.makedirs(out, exist_ok=True)
         paths = write_analysis_plots(result, out, score_threshold=thr, iou_threshold=args.match_iou,
@@ -53,7 +56,9 @@ def main(argv=None):
     print(" ".join(f"{k} {s[k]:.2f}" for k in ("mAP", "weighted_mAP", "ACC", "score")))
     if result.absent_classes:
         print(f"classes without ground truth (nan, excluded from the means): {', '.join(result.absent_classes)}")
-    print(f"wrote {len(paths)} plots to {out}")
+    if "class_index" in paths:
+        print(f"no installed font draws the class names: the plots say 'class <i>', see {paths['class_index']}")
+    print(f"wrote {len(PLOT_FILES)} plots to {out}")
     return 0
 
 

@@ -1,18 +1,23 @@
 """Per-class analysis of a :class:`DefectEvalResult`: statistics, confusion matrix and PNG plots.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend change).
+Class names the default font cannot draw (Chinese ones) use installed fonts that can, through matplotlib's
+font fallback; without such a font the plots say "class <i>" and ``class_index.md`` lists index -> name.
 """
 import os
 
 import cv2
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ..utils.fonts import plot_labels, renders
 from .ap import box_iou_xywh
 
-__all__ = ["class_statistics", "confusion_matrix", "image_errors", "write_analysis_plots", "PLOT_FILES"]
+__all__ = ["class_statistics", "confusion_matrix", "image_errors", "write_analysis_plots", "PLOT_FILES",
+           "CLASS_INDEX_FILE"]
 
 PLOT_FILES = {
     "per_class_ap": "per_class_ap.png",
@@ -23,6 +28,7 @@ PLOT_FILES = {
     "confusion_matrix": "confusion_matrix.png",
     "worst_images": "worst_images.png",
 }
+CLASS_INDEX_FILE = "class_index.md"  # index -> class name, written when the plots label classes by index
 
 
 def class_statistics(result):
@@ -134,13 +140,13 @@ def _labelled_bar(ax, names, values, ylabel, title):
     ax.set_title(title)
 
 
-def _scatter(path, result, xs, xlabel, title, logx=False):
+def _scatter(path, result, names, xs, xlabel, title, logx=False):
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
     ap = result.class_ap
     ok = np.isfinite(xs) & np.isfinite(ap)
     ax.scatter(xs[ok], ap[ok], s=60, c="#3b75af")
-    for name, x, y in zip(np.asarray(result.class_names)[ok], xs[ok], ap[ok]):
+    for name, x, y in zip(np.asarray(names)[ok], xs[ok], ap[ok]):
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
     if logx and ok.any() and np.all(xs[ok] > 0):
         ax.set_xscale("log")
@@ -163,16 +169,32 @@ def write_analysis_plots(result, output_dir, score_threshold=0.5, iou_threshold=
         iou_threshold (float): IoU for the confusion matrix and the gallery.
         num_worst (int): images in the gallery.
     Returns:
-        dict[str, str]: plot name -> path.
+        dict[str, str]: plot name -> path; also ``"class_index"`` -> :data:`CLASS_INDEX_FILE` when no
+        installed font draws the class names and the plots label classes "class <i>".
     """
-    names = result.class_names
+    names, rc, indexed = plot_labels(result.class_names)
+    with matplotlib.rc_context(rc):
+        paths = _write_plots(result, names, indexed, output_dir, score_threshold, iou_threshold, num_worst,
+                             progress)
+    if indexed:
+        paths["class_index"] = os.path.join(output_dir, CLASS_INDEX_FILE)
+        with open(paths["class_index"], "w", encoding="utf-8") as f:
+            f.write("| label in the plots | class |\n|---|---|\n")
+            f.writelines(f"| {lab} | {name} |\n" for lab, name in zip(names, result.class_names))
+    return paths
+
+
+def _write_plots(result, names, indexed, output_dir, score_threshold, iou_threshold, num_worst, progress):
     K = len(names)
     settings = result.settings
     iou_desc = f"IoU {settings.iou.name} ({', '.join(settings.iou.labels)}), AP {settings.ap_method}"
+    if indexed:
+        iou_desc += f"; class names in {CLASS_INDEX_FILE}"
     paths = {k: os.path.join(output_dir, v) for k, v in PLOT_FILES.items()}
     steps = list(paths)
     it = progress(steps, desc="plots") if progress else steps
     stats = class_statistics(result)
+    key = f" ({CLASS_INDEX_FILE})" if indexed else ""
     for step in it:
         path = paths[step]
         if step == "per_class_ap":
@@ -183,32 +205,32 @@ def write_analysis_plots(result, output_dir, score_threshold=0.5, iou_threshold=
             ax.set_ylim(0, 105)
             _save(fig, path)
         elif step == "ap_vs_num_annotations":
-            _scatter(path, result, stats["num_annotations"].astype(float), "number of annotations (log scale)",
-                     "AP vs number of annotations per class", logx=True)
+            _scatter(path, result, names, stats["num_annotations"].astype(float),
+                     "number of annotations (log scale)", "AP vs number of annotations per class" + key, logx=True)
         elif step == "ap_vs_box_size":
-            _scatter(path, result, stats["mean_size"], "mean box size sqrt(w*h) (pixels)",
-                     "AP vs mean box size per class")
+            _scatter(path, result, names, stats["mean_size"], "mean box size sqrt(w*h) (pixels)",
+                     "AP vs mean box size per class" + key)
         elif step == "ap_vs_aspect_ratio":
-            _scatter(path, result, stats["mean_aspect"], "mean aspect ratio (long side / short side)",
-                     "AP vs mean aspect ratio per class")
+            _scatter(path, result, names, stats["mean_aspect"], "mean aspect ratio (long side / short side)",
+                     "AP vs mean aspect ratio per class" + key)
         elif step == "pr_curves":
-            _pr_curves(path, result, iou_desc)
+            _pr_curves(path, result, names, iou_desc)
         elif step == "confusion_matrix":
-            _confusion(path, result, confusion_matrix(result, score_threshold, iou_threshold),
-                       score_threshold, iou_threshold)
+            _confusion(path, result, names, confusion_matrix(result, score_threshold, iou_threshold),
+                       score_threshold, iou_threshold, key)
         elif step == "worst_images":
-            _worst_images(path, result, score_threshold, iou_threshold, num_worst)
+            _worst_images(path, result, names, score_threshold, iou_threshold, num_worst, key)
     return paths
 
 
-def _pr_curves(path, result, iou_desc):
-    K = len(result.class_names)
+def _pr_curves(path, result, names, iou_desc):
+    K = len(names)
     cols = min(3, max(K, 1))
     rows = max(1, int(np.ceil(K / cols)))
     fig = Figure(figsize=(4.2 * cols, 3.6 * rows), layout="constrained")
     labels = result.settings.iou.labels
     shown = sorted({0, len(labels) // 2, len(labels) - 1})
-    for k, name in enumerate(result.class_names):
+    for k, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, k + 1)
         c = result.curves[k]
         if c["num_gt"] == 0:
@@ -231,9 +253,9 @@ def _pr_curves(path, result, iou_desc):
     _save(fig, path)
 
 
-def _confusion(path, result, cm, score_threshold, iou_threshold):
-    K = len(result.class_names)
-    cols = list(result.class_names) + ["missed", "background"]
+def _confusion(path, result, names, cm, score_threshold, iou_threshold, key):
+    K = len(names)
+    cols = list(names) + ["missed", "background"]
     fig = Figure(figsize=(1.0 * (K + 2) + 3, 0.8 * K + 2.5), layout="constrained")
     ax = fig.add_subplot()
     row_sum = np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -246,15 +268,15 @@ def _confusion(path, result, cm, score_threshold, iou_threshold):
     ax.set_xticks(range(K + 2))
     ax.set_xticklabels(cols, rotation=30, ha="right")
     ax.set_yticks(range(K))
-    ax.set_yticklabels(result.class_names)
+    ax.set_yticklabels(names)
     ax.set_xlabel("predicted class | missed: box not detected | background: detection on no box")
     ax.set_ylabel("ground-truth class (background: detected class)")
-    ax.set_title(f"Confusion matrix (score >= {score_threshold:g}, IoU >= {iou_threshold:g}; counts)")
+    ax.set_title(f"Confusion matrix (score >= {score_threshold:g}, IoU >= {iou_threshold:g}; counts){key}")
     fig.colorbar(im, ax=ax, label="fraction of row")
     _save(fig, path)
 
 
-def _worst_images(path, result, score_threshold, iou_threshold, num_worst):
+def _worst_images(path, result, names, score_threshold, iou_threshold, num_worst, key):
     missed, false, wrong = image_errors(result, score_threshold, iou_threshold)
     err = missed + false + wrong
     order = np.argsort(-err, kind="stable")[: max(1, num_worst)]
@@ -262,7 +284,6 @@ def _worst_images(path, result, score_threshold, iou_threshold, num_worst):
     rows = int(np.ceil(len(order) / cols))
     fig = Figure(figsize=(4.5 * cols, 4.0 * rows + 0.6), layout="constrained")
     gt, dt = result.gt, result.dt
-    names = result.class_names
     for n, i in enumerate(order):
         ax = fig.add_subplot(rows, cols, n + 1)
         rec = result.records[i]
@@ -281,8 +302,12 @@ def _worst_images(path, result, score_threshold, iou_threshold, num_worst):
             x, y, w, h = dt["boxes"][d]
             ax.add_patch(Rectangle((x, y), w, h, fill=False, ec="red", lw=1.2, ls="--"))
             ax.text(x, y, f"{names[dt['cls'][d]]} {dt['scores'][d]:.2f}", color="red", fontsize=7, va="bottom")
-        ax.set_title(f"{os.path.basename(rec.get('file_name', str(rec['image_id'])))}\n"
+        title = os.path.basename(rec.get("file_name", ""))
+        if not title or not renders(title):
+            title = f"image id {rec['image_id']}"
+        ax.set_title(f"{title}\n"
                      f"{missed[i]} missed, {false[i]} false, {wrong[i]} wrong class", fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"Worst images (green: ground truth, red dashed: detections with score >= {score_threshold:g})")
+    fig.suptitle("Worst images (green: ground truth, red dashed: detections with score >= "
+                 f"{score_threshold:g}){key}")
     _save(fig, path)

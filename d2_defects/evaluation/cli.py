@@ -19,12 +19,14 @@ def add_common_args(p):
     p.add_argument("--config-file", default="", help="config whose TEST.DEFECT_EVAL.* settings to use")
     p.add_argument("--iou", default=None, help="IoU preset (coco, voc, fabric, bottle) or list '0.1,0.3,0.5'")
     p.add_argument("--ap-method", default=None, choices=["coco", "voc"], help="AP integration")
-    p.add_argument("opts", nargs="*", default=[], help="config overrides: KEY VALUE pairs (TEST.DEFECT_EVAL.*)")
+    p.add_argument("opts", nargs="*", default=[],
+                   help="config overrides: KEY VALUE pairs (TEST.DEFECT_EVAL.*, "
+                        "MODEL.ROI_HEADS.SCORE_THRESH_TEST)")
     return p
 
 
 def evaluate_saved(args, progress=None):
-    """Load the config, the dataset and ``args.predictions``; return a DefectEvalResult."""
+    """Load the config, the dataset and ``args.predictions``; return a DefectEvalResult and the config."""
     cfg = load_config(args.config_file, args.opts)
     settings = defect_eval_settings(cfg, iou=args.iou, ap_method=args.ap_method)
     if args.dataset not in DatasetCatalog.list():
@@ -34,10 +36,11 @@ def evaluate_saved(args, progress=None):
     preds = load_predictions(args.predictions, args.dataset)
     records = DatasetCatalog.get(args.dataset)
     try:
-        return evaluate_detections(records, preds, meta.thing_classes, settings, dataset_name=args.dataset,
-                                   metadata_weights=getattr(meta, "thing_class_weights", None))
+        result = evaluate_detections(records, preds, meta.thing_classes, settings, dataset_name=args.dataset,
+                                     metadata_weights=getattr(meta, "thing_class_weights", None))
     except ValueError as e:
         raise UserError(f"{args.predictions}: {e}") from None
+    return result, cfg
 
 
 def report_error(e):

@@ -29,7 +29,7 @@ class DefectEvaluator(DatasetEvaluator):
     (raw per-image detections, readable by ``tools/analyze_results.py`` / ``tools/tune_thresholds.py``)
     to ``output_dir``. Classes without ground truth in the evaluated images are nan and excluded from the
     means. The image-level score of an image is ``outputs["defect_score"]`` when the model provides one,
-    else its best detection score.
+    else its best detection score; an image with neither is never counted defective.
     """
 
     def __init__(self, dataset_name, cfg=None, output_dir=None, *, distributed=True, **overrides):
@@ -40,7 +40,7 @@ class DefectEvaluator(DatasetEvaluator):
             output_dir (str or None): where to write the json files.
             distributed (bool): gather predictions from all ranks before evaluating.
             overrides: ``iou``, ``ap_method``, ``class_weights``, ``image_score_threshold``,
-                ``acc_weight``, ``map_weight``, ``max_dets`` (take precedence over ``cfg``).
+                ``acc_weight``, ``map_weight``, ``score_map``, ``max_dets`` (take precedence over ``cfg``).
         """
         self._dataset_name = dataset_name
         self._settings = defect_eval_settings(cfg, **overrides)

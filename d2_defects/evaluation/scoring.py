@@ -21,10 +21,12 @@ __all__ = [
     "det_arrays",
     "evaluate_detections",
     "image_accuracy",
+    "combined_score",
     "load_predictions",
 ]
 
 AP_METHODS = ("coco", "voc")
+SCORE_MAPS = ("weighted_mAP", "mAP")
 
 
 class DefectEvalSettings:
@@ -33,12 +35,13 @@ class DefectEvalSettings:
 
     Attributes:
         iou (IouRule), ap_method (str), class_weights (list[float] or None: from metadata or uniform),
-        image_score_threshold (float), acc_weight (float), map_weight (float), max_dets (int): detections
-        kept per image and class, highest scores first (100, like COCOEvaluator's AP).
+        image_score_threshold (float), acc_weight (float), map_weight (float), score_map (str): the mAP
+        in ``score``, "weighted_mAP" or "mAP"; max_dets (int): detections kept per image and class,
+        highest scores first (100, like COCOEvaluator's AP).
     """
 
     def __init__(self, iou=None, ap_method="coco", class_weights=None, image_score_threshold=0.5,
-                 acc_weight=0.0, map_weight=1.0, max_dets=100):
+                 acc_weight=0.0, map_weight=1.0, score_map="weighted_mAP", max_dets=100):
         p = "TEST.DEFECT_EVAL."
         self.iou = resolve_iou(iou, p + "IOU")
         if ap_method not in AP_METHODS:
@@ -63,6 +66,9 @@ class DefectEvalSettings:
         if float(acc_weight) + float(map_weight) <= 0:
             raise ValueError(f"{p}ACC_WEIGHT / {p}MAP_WEIGHT: at least one must be > 0")
         self.acc_weight, self.map_weight = float(acc_weight), float(map_weight)
+        if score_map not in SCORE_MAPS:
+            raise ValueError(f"{p}SCORE_MAP: must be one of {SCORE_MAPS}, got {score_map!r}")
+        self.score_map = score_map
         self.max_dets = int(max_dets)
 
     def weights_for(self, dataset_name, num_classes, metadata_weights=None):
@@ -85,7 +91,7 @@ def defect_eval_settings(cfg=None, **overrides):
         c = cfg.TEST.DEFECT_EVAL
         kw = dict(iou=c.IOU, ap_method=c.AP_METHOD, class_weights=list(c.CLASS_WEIGHTS),
                   image_score_threshold=c.IMAGE_SCORE_THRESHOLD, acc_weight=c.ACC_WEIGHT,
-                  map_weight=c.MAP_WEIGHT)
+                  map_weight=c.MAP_WEIGHT, score_map=c.SCORE_MAP)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return DefectEvalSettings(**kw)
 
@@ -143,18 +149,26 @@ def det_arrays(predictions, image_index):
 
 
 def image_scores(dt, num_images):
-    """Image-level defect score: the model's ``defect_score`` when given, else the max detection score (0 if none)."""
-    best = np.zeros(num_images)
+    """
+    Image-level defect score (num_images,): the model's ``defect_score`` when given, else the max detection
+    score; nan for an image with neither (it has no evidence of a defect, whatever the threshold).
+    """
+    best = np.full(num_images, -np.inf)
     if len(dt["scores"]):
         np.maximum.at(best, dt["img"], dt["scores"])
+    best[np.isneginf(best)] = np.nan
     return np.where(np.isnan(dt["defect_score"]), best, dt["defect_score"])
 
 
 def image_accuracy(has_gt, img_scores, threshold):
-    """Percentage of images whose defective/normal prediction (score >= threshold) is right."""
+    """
+    Percentage of images whose defective/normal prediction is right: defective when the score is
+    >= threshold; a nan or -inf score (no detection, no model score) is never defective, even at threshold 0.
+    """
     if len(has_gt) == 0:
         return float("nan")
-    return float(np.mean((img_scores >= threshold) == has_gt) * 100.0)
+    s = np.nan_to_num(np.asarray(img_scores, dtype=np.float64), nan=-np.inf)
+    return float(np.mean((s >= threshold) == has_gt) * 100.0)
 
 
 def weighted_mean(values, weights):
@@ -163,6 +177,19 @@ def weighted_mean(values, weights):
     if not ok.any() or weights[ok].sum() <= 0:
         return float("nan")
     return float(np.sum(values[ok] * weights[ok]) / weights[ok].sum())
+
+
+def combined_score(settings, acc, class_ap, weights):
+    """
+    ``(ACC_WEIGHT * ACC + MAP_WEIGHT * m) / (ACC_WEIGHT + MAP_WEIGHT)``, m the mean of the per-class APs
+    ``class_ap`` (K,) named by ``settings.score_map``: weighted by ``weights`` (K,) or plain.
+    """
+    s = settings
+    class_ap = np.asarray(class_ap, dtype=np.float64)
+    m = weighted_mean(class_ap, weights if s.score_map == "weighted_mAP" else np.ones(len(class_ap)))
+    acc_term = 0.0 if s.acc_weight == 0 else s.acc_weight * acc
+    map_term = 0.0 if s.map_weight == 0 else s.map_weight * m
+    return (acc_term + map_term) / (s.acc_weight + s.map_weight)
 
 
 class DefectEvalResult:
@@ -195,9 +222,8 @@ class DefectEvalResult:
 
     @property
     def score(self):
-        s = self.settings
-        acc = 0.0 if s.acc_weight == 0 else self.acc
-        return (s.acc_weight * acc + s.map_weight * self.weighted_mAP) / (s.acc_weight + s.map_weight)
+        """``(ACC_WEIGHT * ACC + MAP_WEIGHT * <SCORE_MAP>) / (ACC_WEIGHT + MAP_WEIGHT)``."""
+        return combined_score(self.settings, self.acc, self.class_ap, self.weights)
 
     def summary(self):
         """Flat ``{"mAP", "weighted_mAP", "ACC", "score", "AP@<iou>", "AP-<class>"}``, values in 0-100."""
@@ -240,7 +266,8 @@ class DefectEvalResult:
             "absent_classes": self.absent_classes,
             "settings": {"iou": s.iou.name, "iou_thresholds": s.iou.labels, "ap_method": s.ap_method,
                          "class_weights": self.weight_source, "image_score_threshold": s.image_score_threshold,
-                         "acc_weight": s.acc_weight, "map_weight": s.map_weight, "max_dets": s.max_dets},
+                         "acc_weight": s.acc_weight, "map_weight": s.map_weight, "score_map": s.score_map,
+                         "max_dets": s.max_dets},
             "num_images": len(self.image_ids),
             "num_normal_images": int((~self.gt["has_gt"]).sum()),
         }

@@ -138,19 +138,148 @@ def test_box_reg_loss_type_is_honoured():
         assert len({float(values[t, name]) for t in LOSS_TYPES}) == len(LOSS_TYPES)
 
 
-def test_stage_score_weights(batches):
+def test_equal_stage_score_weights_are_the_plain_mean(batches):
     stock, ours = stock_and_ours(["MODEL.ROI_BOX_CASCADE_HEAD.STAGE_SCORE_WEIGHTS", "[2.0, 2.0, 2.0]"],
                                  "CascadeROIHeads", "DefectCascadeROIHeads")
     inputs = [{"image": d["image"]} for d in batches[0]]
     stock.eval(), ours.eval()
     with torch.no_grad():
         a, b = stock(inputs)[0]["instances"], ours(inputs)[0]["instances"]
-    # equal weights are the plain mean (up to rounding)
-    torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)
-    ours.roi_heads.stage_score_weights = [0.0, 0.0, 1.0]
+    assert len(a) > 0
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)  # up to rounding
+
+
+def _predictors(model):
+    p = model.roi_heads.box_predictor
+    return list(p) if isinstance(p, torch.nn.ModuleList) else [p]
+
+
+def _spread_predictions(model, seed=0):
+    """Larger random class (and IoU) layers than the init, so that stages disagree and rescoring reorders."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        c = ours(inputs)[0]["instances"]
-    assert len(c) != len(a) or not torch.allclose(c.scores, a.scores)
+        for p in _predictors(model):
+            for layer in [p.cls_score] + ([p.iou_pred] if hasattr(p, "iou_pred") else []):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.3)
+
+
+def _run_recorded(model, inputs, monkeypatch):
+    """
+    Inference of ``model`` on ``inputs``, recording the proposal boxes of every box-head pass (the box
+    pooler's input), every box predictor's output, and the (boxes, scores) given to the postprocessing
+    (a spy around the project's ``detection_inference``, which it calls unchanged).
+    """
+    from d2_defects.modeling.roi_heads import cascade, fast_rcnn, iou_branch
+
+    rec = {"boxes": [], "preds": [], "post": []}
+    heads = model.roi_heads
+    hooks = [heads.box_pooler.register_forward_pre_hook(
+        lambda m, args: rec["boxes"].append([b.tensor.clone() for b in args[1]]))]
+    hooks += [p.register_forward_hook(lambda m, i, out: rec["preds"].append(out)) for p in _predictors(model)]
+    real = fast_rcnn.detection_inference
+
+    def spy(boxes, scores, image_shapes, params):
+        rec["post"].append(([b.clone() for b in boxes], [s.clone() for s in scores], image_shapes, params))
+        return real(boxes, scores, image_shapes, params)
+
+    for module in (cascade, fast_rcnn, iou_branch):
+        monkeypatch.setattr(module, "detection_inference", spy)
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = [o["instances"] for o in model(inputs)]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(rec["post"]) == 1 and len(rec["preds"]) == len(rec["boxes"]) == len(_predictors(model))
+    return outputs, rec
+
+
+def _last_stage_boxes(model, rec):
+    """Oracle boxes: the last predictor's deltas applied to its proposals, per image."""
+    b2b = _predictors(model)[-1].box2box_transform
+    boxes = torch.cat(rec["boxes"][-1])
+    return b2b.apply_deltas(rec["preds"][-1][1], boxes).split([len(b) for b in rec["boxes"][-1]])
+
+
+def _stock_postprocess(model, boxes, scores, image_shapes):
+    """Detectron2's fast_rcnn_inference with the model's thresholds (soft-NMS is off in these tests)."""
+    from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+
+    p = _predictors(model)[-1]
+    assert not p.postprocess.soft_nms and p.postprocess.score_thresh_per_class is None
+    return fast_rcnn_inference(boxes, scores, image_shapes, p.test_score_thresh, p.test_nms_thresh,
+                               p.test_topk_per_image)
+
+
+def _assert_same_detections(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
+        assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_classes, y.pred_classes)
+        n += len(x)
+    assert n > 0  # the comparison covered actual detections
+
+
+@pytest.mark.parametrize("weights", [[0.0, 0.0, 1.0], [1.0, 2.0, 3.0]])
+def test_stage_score_weights(batches, monkeypatch, weights):
+    """Oracle: the weighted mean of the stages' softmax probabilities, computed here from the outputs of the
+    stage predictors; the detections are Detectron2's fast_rcnn_inference of those scores."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(SMALL_CONFIG, ["MODEL.ROI_BOX_CASCADE_HEAD.STAGE_SCORE_WEIGHTS", str(weights)]))
+    _spread_predictions(model)
+    inputs = [{"image": d["image"]} for d in batches[0]]
+    outputs, rec = _run_recorded(model, inputs, monkeypatch)
+    sizes = [len(b) for b in rec["boxes"][-1]]
+    probs = [torch.softmax(p[0], dim=1) for p in rec["preds"]]
+    expected = (sum(w * p for w, p in zip(weights, probs)) / sum(weights)).split(sizes)
+    plain_mean = (sum(probs) / len(probs)).split(sizes)
+    assert not torch.allclose(expected[0], plain_mean[0], atol=1e-3)  # the weights matter here
+    boxes, scores, image_shapes, _ = rec["post"][0]
+    for got, exp, b, b_exp in zip(scores, expected, boxes, _last_stage_boxes(model, rec)):
+        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
+        assert torch.equal(b, b_exp)
+    # the detections are the stock postprocessing of exactly those scores
+    _assert_same_detections(outputs, _stock_postprocess(model, boxes, scores, image_shapes)[0])
+    if weights == [0.0, 0.0, 1.0]:  # the last stage's probabilities alone
+        _assert_same_detections(outputs, _stock_postprocess(model, _last_stage_boxes(model, rec),
+                                                             probs[-1].split(sizes), image_shapes)[0])
+
+
+@pytest.mark.parametrize("config", ["faster_iou_r18_cpu.yaml", "cascade_iou_r18_cpu.yaml"])
+def test_iou_rescoring_at_model_level(batches, monkeypatch, config):
+    """SCORE_ALPHA 0: exactly the detections of the same weights without the branch. SCORE_ALPHA 0.5: the
+    scores given to NMS are sqrt(cls * iou), cls (the stage mean in the cascade) and iou (the last stage's
+    sigmoid) computed here from the predictors' outputs."""
+    path = os.path.join(SYN, config)
+    torch.manual_seed(0)
+    alpha0 = build_model(tiny_cfg(path, ["MODEL.ROI_BOX_HEAD.IOU_BRANCH.SCORE_ALPHA", "0.0"]))
+    _spread_predictions(alpha0)
+    plain = build_model(tiny_cfg(path, ["MODEL.ROI_BOX_HEAD.IOU_BRANCH.ENABLED", "False"]))
+    missing, unexpected = plain.load_state_dict(alpha0.state_dict(), strict=False)
+    assert not missing and unexpected and all(".iou_pred." in k for k in unexpected)
+    alpha5 = build_model(tiny_cfg(path, ["MODEL.ROI_BOX_HEAD.IOU_BRANCH.SCORE_ALPHA", "0.5"]))
+    alpha5.load_state_dict(alpha0.state_dict(), strict=True)
+    inputs = [{"image": d["image"]} for d in batches[0]]
+    plain.eval(), alpha0.eval()
+    with torch.no_grad():
+        _assert_same_detections([o["instances"] for o in alpha0(inputs)], [o["instances"] for o in plain(inputs)])
+
+    outputs, rec = _run_recorded(alpha5, inputs, monkeypatch)
+    sizes = [len(b) for b in rec["boxes"][-1]]
+    cls = sum(torch.softmax(p[0], dim=1) for p in rec["preds"]) / len(rec["preds"])
+    iou = torch.sigmoid(rec["preds"][-1][2])
+    expected = cls.clone()
+    expected[:, :-1] = torch.sqrt(cls[:, :-1] * iou[:, None])
+    assert not torch.allclose(expected, cls, atol=1e-3)
+    boxes, scores, image_shapes, _ = rec["post"][0]
+    for got, exp, b, b_exp in zip(scores, expected.split(sizes), boxes, _last_stage_boxes(alpha5, rec)):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-7)
+        assert torch.equal(b, b_exp)
+    stock, kept = _stock_postprocess(alpha5, boxes, scores, image_shapes)
+    _assert_same_detections(outputs, stock)
+    for out, k, i in zip(outputs, kept, iou.split(sizes)):
+        assert torch.equal(out.pred_ious, i[k])
 
 
 # --------------------------------------------------------------------------------------- stages, configs
@@ -383,9 +512,12 @@ def test_per_proposal_losses_match_stock_losses(loss_type):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["DefectCascadeROIHeads"])
-def test_ohem_selects_top_loss_proposals(batches, name):
-    cfg = tiny_cfg(SMALL_CONFIG, ["MODEL.ROI_HEADS.NAME", name, "MODEL.ROI_HEADS.SAMPLER", "ohem"])
+@pytest.mark.parametrize("name,opts", [
+    ("DefectCascadeROIHeads", []),
+    ("DefectStandardROIHeads", ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "False"]),
+], ids=["cascade", "standard"])
+def test_ohem_selects_top_loss_proposals(batches, name, opts):
+    cfg = tiny_cfg(SMALL_CONFIG, ["MODEL.ROI_HEADS.NAME", name, "MODEL.ROI_HEADS.SAMPLER", "ohem", *opts])
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
@@ -426,3 +558,11 @@ def test_ohem_selects_top_loss_proposals(batches, name):
                 sel_boxes = p_sel.proposal_boxes.tensor[mask_sel]
                 idx = [int(torch.nonzero((p_all.proposal_boxes.tensor == b).all(1))[0]) for b in sel_boxes]
                 torch.testing.assert_close(loss[idx].sort(descending=True).values, top, rtol=1e-5, atol=1e-6)
+        # the box head trains on exactly that selection (stage 0 of the cascade)
+        _, losses = heads(images, features, proposals, targets)
+        with torch.no_grad():
+            preds_sel = predictor(head(heads.box_pooler(feats, [p.proposal_boxes for p in selected])))
+            expected = FastRCNNOutputLayers.losses(predictor, preds_sel, selected)
+    suffix = "_stage0" if name.startswith("DefectCascade") else ""
+    for k, v in expected.items():
+        torch.testing.assert_close(losses[k + suffix], v, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """SWA: the average against torch.optim.swa_utils, the LR schedule value by value, kill-and-resume, DDP."""
 import copy
+import json
 import math
 import random
 
@@ -271,19 +272,112 @@ def test_kill_and_resume_gives_the_same_model_swa(uninterrupted, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_two_cpu_processes_with_swa(synthetic_root, tmp_path):
-    # --dist-url auto: a free port (the default port is shared by every run of the same user)
-    proc = run_train_net(["--config-file", SMALL_CONFIG, "--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, "SOLVER.MAX_ITER", "2",
-                          "SOLVER.SWA.ENABLED", "True", "SOLVER.SWA.NUM_CYCLES", "2", "SOLVER.SWA.CYCLE_ITERS", "1",
-                          "SOLVER.SWA.BN_UPDATE_ITERS", "1", "DATASETS.TRAIN", "('synthetic_defects_train',)",
-                          "DATASETS.TEST", "('synthetic_defects_val',)", "OUTPUT_DIR", str(tmp_path)], synthetic_root)
-    assert sorted(p.name for p in tmp_path.glob("model_swa*")) == ["model_swa.pth"]
-    assert not list(tmp_path.glob("*.tmp-*"))
-    import json
+def test_frozen_bn_model_swa_is_the_running_average(one_image_dataset, tmp_path, monkeypatch, caplog):
+    """FrozenBN: no BN recompute (neither fvcore's update_bn_stats nor its log line); model_swa.pth holds
+    exactly the running average, parameters and (frozen) buffers, which is AveragedModel's."""
+    import logging
 
-    results = json.loads((tmp_path / "eval_results.json").read_text())
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from d2_defects.engine import swa as swa_module
+
+    calls = []
+    real_update_bn = swa_module.update_bn_stats
+    monkeypatch.setattr(swa_module, "update_bn_stats", lambda *a, **k: calls.append(1) or real_update_bn(*a, **k))
+    swa_logger = logging.getLogger(swa_module.logger.name)
+    caplog.set_level(logging.INFO, logger=swa_logger.name)
+    swa_logger.addHandler(caplog.handler)  # the "detectron2" logger does not propagate to the root
+    cfg = _cfg(*RUN_OPTS, "MODEL.RESNETS.NORM", "FrozenBN", "SOLVER.MAX_ITER", "1", "SOLVER.SWA.CYCLE_ITERS", "1",
+               "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TRAIN", f"('{one_image_dataset}',)",
+               "OUTPUT_DIR", str(tmp_path))
+    recorder = _Recorder(iters=[1, 2])  # 3 iterations; snapshots after iterations 1 and 2
+    try:
+        trainer = _train(cfg, [_Seeder(), recorder])
+    finally:
+        swa_logger.removeHandler(caplog.handler)
+    model = trainer.model
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert not swa_module.get_bn_modules(model)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "SWA: averaged snapshot 2/2 (weights after iteration 2)" in messages
+    assert not any("recomputing BN" in m for m in messages) and calls == []
+
+    swa_hook = [h for h in trainer._hooks if isinstance(h, swa_module.SWAHook)][0]
+    saved = torch.load(tmp_path / "model_swa.pth", weights_only=True)
+    assert saved["num_averaged"] == swa_hook.state.num_averaged == 2
+    assert saved["model"].keys() == swa_hook.state.average.keys() == model.state_dict().keys()
+    for k, v in saved["model"].items():
+        assert torch.equal(v, swa_hook.state.average[k]), k
+    oracle_model = copy.deepcopy(model)
+    oracle = AveragedModel(oracle_model, use_buffers=True)
+    for snap in recorder.snapshots:
+        oracle_model.load_state_dict(snap)
+        oracle.update_parameters(oracle_model)
+    _assert_same_floats(saved["model"], oracle.module.state_dict())
+    frozen = [k for k in saved["model"] if k.endswith("running_var")]
+    assert frozen and all(torch.equal(saved["model"][k], recorder.snapshots[0][k]) for k in frozen)
+
+
+# ---------------------------------------------------------------- train_net.py, 2 CPU processes
+
+DDP_DS = ["DATASETS.TRAIN", "('synthetic_defects_train',)", "DATASETS.TEST", "('synthetic_defects_val',)",
+          # every proposal scores: the few-iteration model's detections are compared below
+          "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+
+
+@pytest.fixture(scope="module")
+def ddp_swa_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("swa_ddp")
+    # --dist-url auto: a free port (the default port is shared by every run of the same user)
+    proc = run_train_net(["--config-file", SMALL_CONFIG, "--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, *DDP_DS,
+                          "SOLVER.MAX_ITER", "2", "SOLVER.SWA.ENABLED", "True", "SOLVER.SWA.NUM_CYCLES", "2",
+                          "SOLVER.SWA.CYCLE_ITERS", "1", "SOLVER.SWA.BN_UPDATE_ITERS", "1", "OUTPUT_DIR", str(out)],
+                         synthetic_root)
+    return out, proc.stdout + proc.stderr
+
+
+def test_two_cpu_processes_with_swa(ddp_swa_run):
+    out, log = ddp_swa_run
+    assert sorted(p.name for p in out.glob("model_swa*")) == ["model_swa.pth"]
+    assert not list(out.glob("*.tmp-*"))
+    results = json.loads((out / "eval_results.json").read_text())
     assert {"bbox", "swa/bbox"} <= set(results) and "AP" in results["swa/bbox"]
     assert {k for k in results if k.startswith("swa/")} == {"swa/" + k for k in results if "/" not in k}
-    assert "SWA: averaged snapshot 2/2" in proc.stdout + proc.stderr
-    swa = torch.load(tmp_path / "model_swa.pth", weights_only=True)
+    assert "SWA: averaged snapshot 2/2" in log
+    swa = torch.load(out / "model_swa.pth", weights_only=True)
     assert swa["num_averaged"] == 2 and swa["iteration"] == 3
+    # only rank 0 writes model_swa.pth; rank 1's log (same loggers) shows that it ran the SWA phase too
+    rank0, rank1 = (out / "log.txt").read_text(), (out / "log.txt.rank1").read_text()
+    save_line = f"Saving checkpoint to {out / 'model_swa.pth'}"
+    assert rank0.count(save_line) == 1 and save_line not in rank1
+    assert "fvcore.common.checkpoint INFO: No checkpoint found" in rank1
+    assert "SWA: averaged snapshot 2/2" in rank1 and "SWA: recomputing BN statistics" in rank1
+    # metrics.json: the SWA results next to the live ones, the values of eval_results.json
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    last = [r for r in records if "swa/bbox/AP" in r]
+    assert len(last) == 1 and "bbox/AP" in last[0]
+    for k, v in results["swa/bbox"].items():
+        assert last[0]["swa/bbox/" + k] == pytest.approx(v, nan_ok=True), k
+
+
+def _detections(path):
+    return sorted(json.loads(path.read_text()), key=lambda d: (d["image_id"], d["category_id"], d["score"], d["bbox"]))
+
+
+def test_eval_only_on_model_swa_reproduces_swa_results(ddp_swa_run, synthetic_root, tmp_path):
+    """``--eval-only MODEL.WEIGHTS model_swa.pth`` (one process) gives the swa/ results of training and the same
+    detections. During training each rank evaluated its own shard of the val images with its own copy of the
+    averaged, BN-recomputed model, so equal detections on every image also mean every rank held model_swa.pth."""
+    out, _ = ddp_swa_run
+    run_train_net(["--config-file", SMALL_CONFIG, "--eval-only", *TINY_OPTS, *DDP_DS,
+                   "MODEL.WEIGHTS", str(out / "model_swa.pth"), "OUTPUT_DIR", str(tmp_path)], synthetic_root)
+    swa = json.loads((out / "eval_results.json").read_text())["swa/bbox"]
+    evaluated = json.loads((tmp_path / "eval_results.json").read_text())["bbox"]
+    assert swa.keys() == evaluated.keys()
+    for k in swa:
+        assert evaluated[k] == pytest.approx(swa[k], abs=1e-6, nan_ok=True), k
+    a = _detections(out / "inference_swa" / "synthetic_defects_val" / "coco_instances_results.json")
+    b = _detections(tmp_path / "inference" / "synthetic_defects_val" / "coco_instances_results.json")
+    val_ids = {r["image_id"] for r in DatasetCatalog.get("tiny_defects_val")}
+    assert len(val_ids) >= 2 and {d["image_id"] for d in a} == val_ids  # both ranks' shards
+    assert a == b

@@ -17,6 +17,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import DefectCheckpointer
 from ..evaluation import DefectEvaluator
 from ..modeling.freeze import freeze_model
+from ..modeling.postprocess import check_postprocess_keys_used
 from ..utils.report import write_eval_report
 from .swa import SWALRMultiplier, build_swa_hook, swa_max_iter
 
@@ -93,8 +94,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """Detectron2's model, then ``MODEL.FREEZE`` applied (logs the number of trainable parameters)."""
+        """Detectron2's model, then ``MODEL.FREEZE`` applied (logs the number of trainable parameters).
+        Raises a ValueError naming the key if postprocessing keys are set that the model would ignore."""
         model = super().build_model(cfg)
+        check_postprocess_keys_used(cfg, model)
         _, _, summary = freeze_model(model, cfg.MODEL.FREEZE.SCHEME, list(cfg.MODEL.FREEZE.PATTERNS))
         logging.getLogger("detectron2").info(summary)
         return model

@@ -15,7 +15,10 @@ from detectron2.structures import Boxes, Instances
 
 from ..layers.soft_nms import SOFT_NMS_METHODS, batched_soft_nms
 
-__all__ = ["PostprocessParams", "detection_inference", "select_detections"]
+__all__ = [
+    "PostprocessParams", "detection_inference", "select_detections", "uses_project_postprocess",
+    "check_postprocess_keys_used",
+]
 
 
 @dataclass
@@ -146,3 +149,28 @@ def select_detections(boxes, scores, classes, params: PostprocessParams):
     if params.topk_per_image >= 0:
         keep, final_scores = keep[: params.topk_per_image], final_scores[: params.topk_per_image]
     return cand[keep], final_scores
+
+
+def uses_project_postprocess(model):
+    """True if a module of ``model`` holds :class:`PostprocessParams`, i.e. postprocesses with this module
+    (the project's box predictors and one-stage heads keep them as an attribute)."""
+    return any(isinstance(v, PostprocessParams) for m in model.modules() for v in vars(m).values())
+
+
+def check_postprocess_keys_used(cfg, model):
+    """
+    Raise a ValueError naming the keys when ``MODEL.SOFT_NMS.ENABLED`` or a non-empty
+    ``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS`` is set but ``model`` has no project postprocessing (e.g.
+    Detectron2's stock ``StandardROIHeads`` / ``CascadeROIHeads``), which would silently ignore them.
+    """
+    keys = []
+    if cfg.MODEL.SOFT_NMS.ENABLED:
+        keys.append("MODEL.SOFT_NMS.ENABLED")
+    if len(cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS):
+        keys.append("MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS")
+    if keys and not uses_project_postprocess(model):
+        raise ValueError(
+            f"config error: {' and '.join(keys)} would be ignored: the model ({cfg.MODEL.META_ARCHITECTURE}, "
+            f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME}) has no d2_defects postprocessing; use the "
+            "project's heads (DefectStandardROIHeads, DefectCascadeROIHeads, DefectFCOS) or unset the key"
+        )

@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,25 @@ TINY_OPTS = [
 ]
 
 torch.set_num_threads(2)
+
+
+def _drop_closed_stream_handlers():
+    loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(l, logging.Logger)]
+    for logger in loggers:
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                logger.removeHandler(h)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    """Detectron2's ``setup_logger`` (called by tools run in-process) attaches a handler to the sys.stdout of
+    that moment, which is pytest's capture stream of that test; once the test ends the stream is closed and
+    every later log call prints a "Logging error" traceback. Drop such handlers around every test."""
+    _drop_closed_stream_handlers()
+    yield
+    _drop_closed_stream_handlers()
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,8 @@ def plot_stats(st, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..utils.fonts import plot_labels
+
     os.makedirs(out_dir, exist_ok=True)
     paths = []
 
@@ -102,14 +104,16 @@ def plot_stats(st, out_dir):
         plt.close(fig)
         paths.append(p)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    counts = [st["class_counts"][n][1] for n in st["classes"]]
-    ax.bar(range(len(counts)), counts)
-    ax.set_xticks(range(len(counts)))
-    ascii_names = all(n.isascii() for n in st["classes"])  # the default font has no CJK glyphs
-    ax.set_xticklabels(st["classes"] if ascii_names else [f"class {i}" for i in range(len(counts))], rotation=45)
-    ax.set_title("boxes per class" if ascii_names else "boxes per class (in the order of tables.md)")
-    save(fig, "class_counts.png")
+    # class names need a font that has their glyphs (CJK); without one, indices in the order of tables.md
+    labels, rc, indexed = plot_labels(st["classes"])
+    with matplotlib.rc_context(rc):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        counts = [st["class_counts"][n][1] for n in st["classes"]]
+        ax.bar(range(len(counts)), counts)
+        ax.set_xticks(range(len(counts)))
+        ax.set_xticklabels(labels, rotation=45)
+        ax.set_title("boxes per class (in the order of tables.md)" if indexed else "boxes per class")
+        save(fig, "class_counts.png")
 
     for key, title in (("wh", "absolute"), ("wh_resized", "after resize")):
         wh = st[key]

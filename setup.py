@@ -20,5 +20,6 @@ setup(
         "matplotlib",
         "tqdm",
         "pyyaml",
+        "submitit",
     ],
 )

@@ -1,5 +1,6 @@
 """The ablation runner (d2_defects.engine.ablation, tools/ablate.py): plan validation, resumable grids,
 the report's arithmetic, diverged runs, eval-only variants and the submitit path."""
+import glob
 import json
 import math
 import os
@@ -325,3 +326,51 @@ def test_submitit_local_executor_runs_two_runs(synthetic_root, tmp_path, monkeyp
     assert list((out / "_submitit").iterdir())  # the jobs went through submitit
     summary = summarize(plan, str(out))
     assert summary["rows"][0]["done"] == 2
+
+
+PLANS = sorted(glob.glob(os.path.join(ROOT, "configs", "ablation", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", PLANS, ids=os.path.basename)
+def test_shipped_plans_build_every_variant(path):
+    import torch
+    from detectron2.modeling import build_model
+
+    plan = load_plan(path)
+    assert plan.baseline in plan.variants
+    for v in plan.variants.values():
+        if v.eval_only:
+            continue
+        cfg = ablation.variant_config(plan, v, ["MODEL.DEVICE", "cpu"])
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            out = model([{"image": torch.zeros(3, 64, 96), "height": 64, "width": 96}])
+        assert "instances" in out[0], v.name
+
+
+def test_shipped_plan_covers_every_trick():
+    plan = load_plan(os.path.join(ROOT, "configs", "ablation", "synthetic.yaml"))
+    cfgs = {n: ablation.variant_config(plan, v) for n, v in plan.variants.items()}
+    has = {
+        "faster": lambda c: c.MODEL.ROI_HEADS.NAME == "DefectStandardROIHeads",
+        "cascade4": lambda c: len(c.MODEL.ROI_BOX_CASCADE_HEAD.IOUS) == 4,
+        "iou": lambda c: c.MODEL.ROI_BOX_HEAD.IOU_BRANCH.ENABLED and c.MODEL.ROI_BOX_HEAD.IOU_BRANCH.SCORE_ALPHA > 0,
+        "giou": lambda c: c.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE == "giou",
+        "ciou": lambda c: c.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE == "ciou",
+        "ohem": lambda c: c.MODEL.ROI_HEADS.SAMPLER == "ohem",
+        "soft_nms linear": lambda c: c.MODEL.SOFT_NMS.ENABLED and c.MODEL.SOFT_NMS.METHOD == "linear",
+        "soft_nms gaussian": lambda c: c.MODEL.SOFT_NMS.ENABLED and c.MODEL.SOFT_NMS.METHOD == "gaussian",
+        "swa": lambda c: c.SOLVER.SWA.ENABLED,
+        "dcn": lambda c: any(c.MODEL.RESNETS.DEFORM_ON_PER_STAGE),
+        "copy-paste": lambda c: c.INPUT.COPY_PASTE.ENABLED,
+        "multi-scale": lambda c: len(c.INPUT.MIN_SIZE_TRAIN) > 1,
+        "vflip/rot90": lambda c: c.INPUT.VFLIP.ENABLED and c.INPUT.ROT90.ENABLED,
+        "fcos": lambda c: c.MODEL.META_ARCHITECTURE == "DefectFCOS",
+        "defect_rcnn": lambda c: c.MODEL.META_ARCHITECTURE == "DefectRCNN",
+        "tta": lambda c: c.TEST.AUG.ENABLED,
+    }
+    missing = [t for t, f in has.items() if not any(f(c) for c in cfgs.values())]
+    assert not missing
+    assert any(v.tune_thresholds for v in plan.variants.values())
+    base = cfgs[plan.baseline]
+    assert len(base.INPUT.MIN_SIZE_TRAIN) == 1  # so that the multi-scale row changes one thing

@@ -12,7 +12,9 @@ from d2_defects.engine.launch import load_config
 from conftest import ROOT
 
 # Base-*.yaml included: they build too (a user may start from them directly).
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+# configs/ablation/ holds ablation plans (tests/test_ablation.py builds their variants)
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+                 if os.sep + "ablation" + os.sep not in p)
 
 
 def test_configs_exist():

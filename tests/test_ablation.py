@@ -374,3 +374,28 @@ def test_shipped_plan_covers_every_trick():
     assert any(v.tune_thresholds for v in plan.variants.values())
     base = cfgs[plan.baseline]
     assert len(base.INPUT.MIN_SIZE_TRAIN) == 1  # so that the multi-scale row changes one thing
+
+
+def test_timings_and_ap_curve_are_read_from_the_run_files(tmp_path):
+    plan = load_plan(write_plan(tmp_path / "p.yaml", [{"name": "base"}, {"name": "swa", "result": "swa",
+                     "overrides": {"SOLVER.SWA.ENABLED": True}}], seeds=[0]))
+    out = tmp_path / "out"
+    for name, times, infer in (("base", [0.5, 0.7, 0.6, 9.0], [0.010, 0.030]), ("swa", [0.4], [0.020, 0.050])):
+        d = _fake_run(out, name, 0, 10.0, {"crack": 10.0})
+        res = json.loads((d / "eval_results.json").read_text())
+        res["swa/bbox"] = dict(res["bbox"], AP=12.5)
+        (d / "eval_results.json").write_text(json.dumps(res))
+        recs = [{"iteration": i, "time": t, "total_loss": 1.0} for i, t in enumerate(times)]
+        recs += [{"iteration": 9, "bbox/AP": 3.0}, {"iteration": 19, "bbox/AP": 5.0, "swa/bbox/AP": 6.0}]
+        (d / "metrics.json").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+        (d / "log.txt").write_text("\n".join(
+            f"[x] d2.evaluation.evaluator INFO: Total inference pure compute time: 0:00:01 ({t:.6f} s / iter per "
+            "device, on 1 devices)" for t in infer))
+    summary = ablation.write_report(plan, str(out))
+    base, swa = summary["rows"]
+    assert base["stats"]["train_s_per_iter"]["mean"] == pytest.approx(0.65)  # median of the iteration times
+    assert base["stats"]["infer_ms_per_image"]["mean"] == pytest.approx(10.0)  # the live model's evaluation
+    assert swa["stats"]["infer_ms_per_image"]["mean"] == pytest.approx(50.0)  # the SWA model's evaluation
+    assert swa["stats"]["AP"]["mean"] == pytest.approx(12.5)  # result: swa reports model_swa's numbers
+    assert base["curves"][0] == [(9, 3.0), (19, 5.0)] and swa["curves"][0] == [(19, 6.0)]
+    assert (out / "ap_vs_iter.png").stat().st_size > 1000

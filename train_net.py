@@ -6,6 +6,7 @@ Train and evaluate d2_defects models.
     python train_net.py --config-file configs/... --num-gpus 8
     python train_net.py --config-file configs/... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file configs/... --resume
+    python train_net.py --config-file configs/... --overwrite     # replace the run already in OUTPUT_DIR
     python train_net.py --config-file configs/... --manifest my_datasets.yaml DATASETS.TRAIN "('my_train',)"
 
 Trailing ``KEY VALUE`` pairs override the config.  ``--num-gpus N`` on a machine without CUDA starts N
@@ -21,6 +22,9 @@ from d2_defects.engine.launch import run
 def cli():
     parser = default_argument_parser(epilog=__doc__)
     parser.add_argument("--manifest", default="", help="YAML datasets manifest to register (DATASETS.MANIFEST)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into an OUTPUT_DIR that holds a previous run, deleting its checkpoints, metrics "
+                             "and logs first (without it, such a folder is refused unless --resume)")
     args = parser.parse_args()
     if args.num_gpus > 1 and not torch.cuda.is_available():
         print(f"No CUDA device: training with {args.num_gpus} CPU processes (gloo).")

@@ -4,8 +4,16 @@
 one-line comment.  Keys are only *added*; a YAML file or command-line option naming a key that does not
 exist still fails with Detectron2's usual ``KeyError: 'Non-existent config key: ...'``.
 """
+import difflib
+import os
+
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from .utils.errors import ConfigError, InputNotFoundError, UsageError
+
+__all__ = ["add_defects_config", "load_config"]
 
 
 def add_defects_config(cfg):
@@ -114,6 +122,12 @@ def _add_data_config(cfg):
     # category names dropped with their boxes from manifest datasets (count logged), e.g. ["背景"]
     cfg.DATASETS.IGNORE_CATEGORIES = []
 
+    # images with more than 8 bits per pixel (16-bit PNG/TIFF of industrial cameras), scaled linearly to 0..255:
+    # [] = the full range of the pixel type (0..65535 for 16-bit), or [LOW, HIGH] in pixel values, e.g. [0, 4095]
+    # for 12-bit data (<= LOW -> 0, >= HIGH -> 255). 8-bit images are unchanged. See docs/reliability.md.
+    cfg.INPUT.HIGH_BIT_DEPTH = CN()
+    cfg.INPUT.HIGH_BIT_DEPTH.WINDOW = []
+
     # vertical flip (defects have no "up"): probability per image
     cfg.INPUT.VFLIP = CN()
     cfg.INPUT.VFLIP.ENABLED = False
@@ -184,3 +198,55 @@ def _add_tta_config(cfg):
     cfg.TEST.AUG.MERGE = "nms"
     # IoU above which boxes of one class are fused by "wbf" (fraction).
     cfg.TEST.AUG.WBF_IOU_THRESH = 0.55
+
+
+def _all_keys(cfg, prefix=""):
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            yield from _all_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def _config_error(cfg, where, err):
+    msg = str(err.args[0]) if err.args else str(err)
+    hint = ""
+    if "Non-existent" in msg:
+        key = msg.rsplit(":", 1)[-1].strip()
+        close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"config error in {where}: {msg}{hint}")
+
+
+def _check_opts(opts):
+    """``KEY VALUE`` pairs only: a ``--flag`` among them was meant for the command line (argparse puts
+    everything after the first override into the list)."""
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if flags:
+        raise UsageError(
+            f"{flags[0]} comes after the KEY VALUE overrides, so it was read as one of them; put every "
+            f"--flag before the first KEY VALUE pair (e.g. train_net.py --config-file X {flags[0]} KEY VALUE)"
+        )
+    if len(opts) % 2:
+        raise ConfigError(f"the command-line overrides must be KEY VALUE pairs; got an odd number ({len(opts)}): "
+                          f"{' '.join(map(str, opts))}")
+
+
+def load_config(config_file, opts=()):
+    """get_cfg -> add_defects_config -> merge file -> merge opts (not frozen). A missing file, unknown key or
+    malformed override is a :class:`ConfigError` (``InputNotFoundError``/``UsageError``) naming it."""
+    cfg = add_defects_config(get_cfg())
+    opts = list(opts)
+    _check_opts(opts)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise InputNotFoundError(f"config file not found: {config_file}")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            raise _config_error(cfg, config_file, e) from None
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise _config_error(cfg, "the command-line options", e) from None
+    return cfg

@@ -55,7 +55,8 @@ def _same(batches_a, batches_b):
 
 def test_keys_off_give_exactly_detectron2s_default_loader(synthetic_root):
     cfg = _cfg()
-    assert type(build_defect_train_mapper(cfg)) is DatasetMapper
+    # the project's mapper (it reads 16-bit images), with the same output as Detectron2's for 8-bit images
+    assert type(build_defect_train_mapper(cfg)) is DefectDatasetMapper
     np.random.seed(5), torch.manual_seed(5)
     ours = _first_batches(Trainer.build_train_loader(cfg))
     np.random.seed(5), torch.manual_seed(5)

@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers datasets
 from d2_defects.evaluation.analysis import CLASS_INDEX_FILE, PLOT_FILES, write_analysis_plots
-from d2_defects.evaluation.cli import USER_ERRORS, add_common_args, evaluate_saved, report_error
+from d2_defects.evaluation.cli import add_common_args, evaluate_saved
+from d2_defects.utils.errors import OutputExistsError, run_cli
 
 
-def main(argv=None):
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--output", default=None, help="folder for the PNGs (default: <predictions folder>/analysis)")
@@ -36,19 +37,16 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace plots already in --output")
     args = p.parse_args(argv)
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.predictions)), "analysis")
-    try:
-        outputs = list(PLOT_FILES.values()) + ["defect_metrics.json", CLASS_INDEX_FILE]
-        existing = [f for f in outputs if os.path.exists(os.path.join(out, f))]
-        if existing and not args.overwrite:
-            raise ValueError(f"{os.path.join(out, existing[0])} exists (and {len(existing) - 1} more); "
-                             "use --overwrite to replace")
-        result, _ = evaluate_saved(args)
-        thr = result.settings.image_score_threshold if args.score_threshold is None else args.score_threshold
-        os.makedirs(out, exist_ok=True)
-        paths = write_analysis_plots(result, out, score_threshold=thr, iou_threshold=args.match_iou,
-                                     num_worst=args.num_worst, progress=tqdm)
-    except USER_ERRORS as e:
-        return report_error(e)
+    outputs = list(PLOT_FILES.values()) + ["defect_metrics.json", CLASS_INDEX_FILE]
+    existing = [f for f in outputs if os.path.exists(os.path.join(out, f))]
+    if existing and not args.overwrite:
+        raise OutputExistsError(f"{os.path.join(out, existing[0])} exists (and {len(existing) - 1} more); "
+                                "use --overwrite to replace")
+    result, _ = evaluate_saved(args)
+    thr = result.settings.image_score_threshold if args.score_threshold is None else args.score_threshold
+    os.makedirs(out, exist_ok=True)
+    paths = write_analysis_plots(result, out, score_threshold=thr, iou_threshold=args.match_iou,
+                                 num_worst=args.num_worst, progress=tqdm)
     with open(os.path.join(out, "defect_metrics.json"), "w") as f:
         json.dump(result.to_json(), f, indent=2)
     print(result.table())
@@ -60,6 +58,11 @@ def main(argv=None):
         print(f"no installed font draws the class names: the plots say 'class <i>', see {paths['class_index']}")
     print(f"wrote {len(PLOT_FILES)} plots to {out}")
     return 0
+
+
+def main(argv=None):
+    """Exit code: 0, or 2 after one ``ERROR:`` line for bad input (other errors keep their traceback)."""
+    return run_cli(_main, argv, exit=False)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from d2_defects.checkpoint import CheckpointError, DefectCheckpointer, _atomic_write
 from d2_defects.engine.swa import SWAState
+from d2_defects.utils.errors import OutputExistsError, run_cli
 
 
-class AverageError(ValueError):
+class AverageError(CheckpointError):
     """Bad input; reported as one ``ERROR:`` line."""
 
 
@@ -73,25 +74,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def _main(argv=None):
     args = parse_args(argv)
-    try:
-        if len(args.checkpoints) < 2:
-            raise AverageError("give at least two checkpoints to average")
-        if os.path.exists(args.output) and not args.overwrite:
-            raise AverageError(f"{args.output} exists; pass --overwrite to replace it")
-        if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.checkpoints}:
-            raise AverageError(f"{args.output} is one of the inputs")
-        average = average_checkpoints(args.checkpoints)
-        data = {"model": average, "num_averaged": len(args.checkpoints),
-                "averaged_from": [os.path.abspath(p) for p in args.checkpoints]}
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        _atomic_write(args.output, lambda f: torch.save(data, f))
-    except (AverageError, CheckpointError, OSError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+    if len(args.checkpoints) < 2:
+        raise AverageError("give at least two checkpoints to average")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise OutputExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.checkpoints}:
+        raise AverageError(f"{args.output} is one of the inputs")
+    average = average_checkpoints(args.checkpoints)
+    data = {"model": average, "num_averaged": len(args.checkpoints),
+            "averaged_from": [os.path.abspath(p) for p in args.checkpoints]}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    _atomic_write(args.output, lambda f: torch.save(data, f))
     print(f"wrote {args.output}: average of {len(args.checkpoints)} checkpoints ({len(average)} tensors)")
     return 0
+
+
+def main(argv=None):
+    """Exit code: 0, or 2 after one ``ERROR:`` line for bad input."""
+    return run_cli(_main, argv, exit=False)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import d2_defects  # noqa: F401  registers datasets
 from d2_defects.inference.ensemble import ResultsFileError, ensemble_results, evaluate_results, load_results
 from d2_defects.inference.io import check_can_write
 from d2_defects.inference.merge import MERGE_METHODS
+from d2_defects.utils.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -79,13 +80,14 @@ def run(args):
     return 0
 
 
-def main(argv=None):
+def _main(argv=None):
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (ResultsFileError, ValueError, FileExistsError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+    return run(args)
+
+
+def main(argv=None):
+    """Exit code: 0, or 2 after one ``ERROR:`` line for bad input (other errors keep their traceback)."""
+    return run_cli(_main, argv, exit=False)
 
 
 if __name__ == "__main__":

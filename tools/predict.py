@@ -16,8 +16,8 @@ import sys
 from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers datasets and models
-from d2_defects.checkpoint import CheckpointError
-from d2_defects.engine.launch import UserError, load_config
+from d2_defects.config import load_config
+from d2_defects.utils.errors import UsageError, run_cli
 
 
 def parse_args(argv=None):
@@ -45,7 +45,7 @@ def _metadata(cfg, name):
         if getattr(meta, "thing_classes", None):
             return meta
     if name:
-        raise UserError(f"dataset {name} has no class names (is it registered?)")
+        raise UsageError(f"dataset {name} has no class names (is it registered?)")
     return None
 
 
@@ -55,16 +55,13 @@ def run(args):
 
     cfg = load_config(args.config_file, args.opts)
     if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not cfg.MODEL.WEIGHTS:
-        raise UserError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
+        raise UsageError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
     files = list_images(args.input)
     meta = _metadata(cfg, args.dataset)
     writer = ResultsWriter(args.output, meta, overwrite=args.overwrite, draw=args.draw, draw_threshold=args.draw_threshold)
-    try:
-        predictor = BatchPredictor(cfg)
-    except ValueError as e:  # config values checked when the model is built
-        raise UserError(f"config error: {e}") from None
+    predictor = BatchPredictor(cfg)  # config values are checked (ConfigError) when the model is built
     n_det = 0
     for image_id, (path, image, output, error) in enumerate(
         predictor.predict_files(files, args.batch_size, args.num_workers, progress=tqdm), start=1
@@ -82,14 +79,15 @@ def run(args):
     return 0
 
 
-def main(argv=None):
+def _main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+    return run(args)
+
+
+def main(argv=None):
+    """Exit code: 0, or 2 after one ``ERROR:`` line for bad input (other errors keep their traceback)."""
+    return run_cli(_main, argv, exit=False)
 
 
 if __name__ == "__main__":

@@ -24,20 +24,18 @@ import numpy as np
 from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers datasets
-from d2_defects.evaluation.cli import USER_ERRORS, add_common_args, evaluate_saved, report_error
+from d2_defects.evaluation.cli import add_common_args, evaluate_saved
+from d2_defects.utils.errors import run_cli
 from d2_defects.evaluation.tuning import kept_by_thresholds, model_score_thresholds, tune_class_thresholds
 
 
-def main(argv=None):
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--candidates", type=int, default=40, help="candidate thresholds per class (quantiles)")
     args = p.parse_args(argv)
-    try:
-        result, cfg = evaluate_saved(args)
-        floor = model_score_thresholds(cfg, len(result.class_names))
-    except USER_ERRORS as e:
-        return report_error(e)
+    result, cfg = evaluate_saved(args)
+    floor = model_score_thresholds(cfg, len(result.class_names))
     thresholds, before, after = tune_class_thresholds(result, num_candidates=args.candidates, progress=tqdm,
                                                       min_thresholds=floor)
     s = result.settings
@@ -62,6 +60,11 @@ def main(argv=None):
     print(f"score after:  {after:.2f} (detections scoring > their class threshold)")
     print("MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS [" + ", ".join(repr(t) for t in thresholds) + "]")
     return 0
+
+
+def main(argv=None):
+    """Exit code: 0, or 2 after one ``ERROR:`` line for bad input (other errors keep their traceback)."""
+    return run_cli(_main, argv, exit=False)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ box of area size**2 and height/width = ratio; SIZES lists sizes per FPN level, A
 import numpy as np
 
 from .analysis import resize_scale
+from ..utils.errors import DatasetError
 
 __all__ = ["box_shapes", "shape_iou", "kmeans_iou", "anchor_shapes", "coverage", "cluster_anchors"]
 
@@ -36,7 +37,7 @@ def kmeans_iou(wh, k, seed=0, iters=300):
     Initialised k-means++ style with the same distance. Returns (k, 2) shapes sorted by area.
     """
     if len(wh) < k:
-        raise ValueError(f"need at least {k} boxes to find {k} anchor shapes, got {len(wh)}")
+        raise DatasetError(f"need at least {k} boxes to find {k} anchor shapes, got {len(wh)}")
     rng = np.random.RandomState(seed)
     centres = [wh[rng.randint(len(wh))]]
     for _ in range(1, k):

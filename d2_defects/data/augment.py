@@ -2,6 +2,7 @@
 import numpy as np
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
+from ..utils.errors import ConfigError
 
 __all__ = ["Rot90Transform", "RandomRot90", "build_defect_augmentations", "check_augmentation_config"]
 
@@ -59,13 +60,13 @@ class RandomRot90(T.Augmentation):
 def _check_range(key, r):
     r = tuple(float(v) for v in r)
     if len(r) != 2 or not 0 <= r[0] <= r[1]:
-        raise ValueError(f"{key} must be a (low, high) range with 0 <= low <= high, got {r}")
+        raise ConfigError(f"{key} must be a (low, high) range with 0 <= low <= high, got {r}")
     return r
 
 
 def _check_prob(key, p):
     if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{key} must be a probability in [0, 1], got {p}")
+        raise ConfigError(f"{key} must be a probability in [0, 1], got {p}")
     return float(p)
 
 
@@ -106,4 +107,4 @@ def check_augmentation_config(cfg):
     _check_prob("INPUT.COPY_PASTE.PROB", i.COPY_PASTE.PROB)
     _check_prob("INPUT.COPY_PASTE.PROB_NORMAL", i.COPY_PASTE.PROB_NORMAL)
     if int(i.COPY_PASTE.MAX_OBJECTS) < 1:
-        raise ValueError(f"INPUT.COPY_PASTE.MAX_OBJECTS must be >= 1, got {i.COPY_PASTE.MAX_OBJECTS}")
+        raise ConfigError(f"INPUT.COPY_PASTE.MAX_OBJECTS must be >= 1, got {i.COPY_PASTE.MAX_OBJECTS}")

@@ -25,6 +25,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from ..utils.errors import DatasetError  # noqa: F401  (re-exported: the historical import path)
+from ..utils.errors import ConfigError, InputNotFoundError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -43,18 +46,6 @@ VALIDATION_MODES = ("error", "warn", "clip", "none")
 
 # (path, file size, mtime_ns) -> ((width, height), None) or (None, error message)
 _IMAGE_CACHE = {}
-
-
-class DatasetError(ValueError):
-    """A dataset failed validation. ``problems`` holds one message per bad record."""
-
-    def __init__(self, source, problems, max_shown=20):
-        self.source = source
-        self.problems = list(problems)
-        shown = "\n  ".join(self.problems[:max_shown])
-        more = len(self.problems) - max_shown
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(f"{source}: {len(self.problems)} problem(s) found:\n  {shown}{tail}")
 
 
 def image_size(path):
@@ -247,7 +238,7 @@ def clip_boxes(coco):
 def _check(coco, source, image_root, validation, check_files=True):
     """Run the checks for ``validation`` mode; return (coco, bad image ids) or raise DatasetError."""
     if validation not in VALIDATION_MODES:
-        raise ValueError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {validation!r}")
+        raise ConfigError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {validation!r}")
     if validation == "none":
         return coco, set()
     if validation == "clip":
@@ -272,7 +263,7 @@ def _set_metadata(meta, cats, class_weights=None, **extra):
     weights = list(class_weights) if class_weights else [c.get("weight") for c in cats]
     if weights and all(w is not None for w in weights):
         if len(weights) != len(cats):
-            raise ValueError(f"{meta.name}: {len(weights)} class weights given for {len(cats)} classes")
+            raise DatasetError(f"{meta.name}: {len(weights)} class weights given for {len(cats)} classes")
         meta.set(thing_class_weights=[float(w) for w in weights])
 
 
@@ -329,7 +320,7 @@ def load_coco_dict(coco, source, image_root, dataset_name=None, validation="erro
 def read_coco_json(json_file):
     """Parse a COCO json, with a :class:`DatasetError` naming the file if it is not valid json."""
     if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"COCO annotation file not found: {json_file}")
+        raise InputNotFoundError(f"COCO annotation file not found: {json_file}")
     try:
         with open(json_file, encoding="utf-8") as f:
             coco = json.load(f)

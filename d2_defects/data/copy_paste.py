@@ -10,8 +10,9 @@ import math
 from collections import OrderedDict
 
 import numpy as np
-from detectron2.data import detection_utils as utils
 from detectron2.structures import BoxMode
+
+from ..utils.image_io import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,12 @@ class CopyPaste:
         class_ids (set[int] or None): contiguous class ids eligible as crops (None = all).
         max_tries (int): random placements tried per crop before giving up on it.
         cache_images (int): source images kept in memory (LRU).
+        high_bit_window (tuple or None): scaling of 16-bit images (``INPUT.HIGH_BIT_DEPTH.WINDOW``).
         cache_mb (float): memory for cached crops, per data-loader worker.
     """
 
     def __init__(self, dataset_dicts, image_format="BGR", prob_normal=1.0, prob=0.3, max_objects=3,
-                 class_ids=None, max_tries=20, cache_images=8, cache_mb=256):
+                 class_ids=None, max_tries=20, cache_images=8, cache_mb=256, high_bit_window=None):
         self.bank = []  # (file_name, (x0, y0, x1, y1) int pixel box, category_id)
         for d in dataset_dicts:
             for a in d.get("annotations", []):
@@ -48,6 +50,7 @@ class CopyPaste:
                 if box[2] > box[0] and box[3] > box[1]:
                     self.bank.append((d["file_name"], box, a["category_id"]))
         self.image_format = image_format
+        self.high_bit_window = high_bit_window  # INPUT.HIGH_BIT_DEPTH.WINDOW (see d2_defects/utils/image_io.py)
         self.prob_normal, self.prob, self.max_objects = prob_normal, prob, max_objects
         self.max_tries, self.cache_images = max_tries, cache_images
         self.cache_mb = cache_mb
@@ -64,7 +67,7 @@ class CopyPaste:
             self._cache.move_to_end(fname)
             img = self._cache[fname]
         else:
-            img = utils.read_image(fname, format=self.image_format)
+            img = read_image(fname, format=self.image_format, window=self.high_bit_window)
             self._cache[fname] = img
             if len(self._cache) > self.cache_images:
                 self._cache.popitem(last=False)

@@ -28,6 +28,7 @@ import xml.etree.ElementTree as ET
 import yaml
 
 from .coco import DatasetError, image_size, read_coco_json
+from ..utils.errors import InputNotFoundError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 def _files(folder, ext, what):
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{what} folder not found: {folder}")
+        raise InputNotFoundError(f"{what} folder not found: {folder}")
     return sorted(glob.glob(os.path.join(folder, "**", f"*{ext}"), recursive=True))
 
 
@@ -48,7 +49,7 @@ class _ImageIndex:
 
     def __init__(self, root):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder not found: {root}")
+            raise InputNotFoundError(f"image folder not found: {root}")
         self.root = root
         self.files = sorted(
             os.path.relpath(p, root).replace(os.sep, "/")
@@ -172,7 +173,7 @@ def _yolo_class_names(label_dir):
 
 def read_yolo(label_dir, image_root, classes=None, progress=None):
     if not os.path.isdir(label_dir):
-        raise FileNotFoundError(f"YOLO label folder not found: {label_dir}")
+        raise InputNotFoundError(f"YOLO label folder not found: {label_dir}")
     # the txt files hold indices into classes.txt / data.yaml; ``classes`` only orders the output
     # (it names the indices when the folder has no names file)
     names = _yolo_class_names(label_dir) or (list(classes) if classes is not None else None)
@@ -290,7 +291,7 @@ def read_dataset(fmt, annotations, image_root, classes=None, progress=None):
         return coco
     readers = {"voc": read_voc, "yolo": read_yolo, "labelme": read_labelme}
     if fmt not in readers:
-        raise ValueError(f"unknown dataset format {fmt!r}; use one of {FORMATS}")
+        raise UsageError(f"unknown dataset format {fmt!r}; use one of {FORMATS}")
     return readers[fmt](annotations, image_root, classes=classes, progress=progress)
 
 
@@ -406,4 +407,4 @@ def write_dataset(coco, fmt, out, image_root=None):
         return write_yolo(coco, out)
     if fmt == "labelme":
         return write_labelme(coco, out, image_root)
-    raise ValueError(f"unknown dataset format {fmt!r}; use one of {FORMATS}")
+    raise UsageError(f"unknown dataset format {fmt!r}; use one of {FORMATS}")

@@ -15,6 +15,7 @@ A manifest lists datasets; relative paths resolve against the manifest's folder:
 ``DATASETS.MANIFEST`` (or ``train_net.py --manifest``) registers every entry at setup in every process;
 ``DATASETS.TRAIN`` / ``DATASETS.TEST`` then name them.
 """
+import difflib
 import logging
 import os
 
@@ -32,6 +33,7 @@ from .coco import (
     register_coco_defects,
 )
 from .formats import FORMATS, read_dataset
+from ..utils.errors import ConfigError, InputNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +77,9 @@ def register_defect_dataset(name, format, annotations, images, classes=None, cla
         Metadata: the dataset's metadata (``thing_classes``, ``thing_dataset_id_to_contiguous_id``, ...).
     """
     if format not in FORMATS:
-        raise ValueError(f"dataset {name}: unknown format {format!r}; use one of {FORMATS}")
+        raise DatasetError(f"dataset {name}: unknown format {format!r}; use one of {FORMATS}")
     if validation not in VALIDATION_MODES:
-        raise ValueError(f"dataset {name}: validation must be one of {VALIDATION_MODES}, got {validation!r}")
+        raise DatasetError(f"dataset {name}: validation must be one of {VALIDATION_MODES}, got {validation!r}")
     ignore = tuple(ignore or ())
     if format == "coco" and classes is None:
         meta = register_coco_defects(name, annotations, images, validation=validation,
@@ -110,7 +112,7 @@ def load_manifest(path):
         list[dict]: entries with absolute paths and every key present (``None`` when not given).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"datasets manifest not found: {path}")
+        raise InputNotFoundError(f"datasets manifest not found: {path}")
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
@@ -212,7 +214,7 @@ def register_from_config(cfg, check=("TRAIN", "TEST")):
 
     check_augmentation_config(cfg)
     if cfg.DATASETS.VALIDATION not in VALIDATION_MODES:
-        raise ValueError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {cfg.DATASETS.VALIDATION!r}")
+        raise ConfigError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {cfg.DATASETS.VALIDATION!r}")
     names = []
     if cfg.DATASETS.MANIFEST:
         names = register_manifest(cfg.DATASETS.MANIFEST, cfg.DATASETS.VALIDATION, cfg.DATASETS.IGNORE_CATEGORIES)
@@ -220,7 +222,12 @@ def register_from_config(cfg, check=("TRAIN", "TEST")):
     unknown = [n for key in check for n in cfg.DATASETS[key] if n not in registered]
     if unknown:
         where = f" (manifest {cfg.DATASETS.MANIFEST} has: {', '.join(names)})" if cfg.DATASETS.MANIFEST else ""
-        raise DatasetError("DATASETS." + "/".join(check), [f"dataset '{n}' is not registered{where}" for n in unknown])
+        problems = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, sorted(registered), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"dataset '{n}' is not registered{hint}{where}")
+        raise DatasetError("DATASETS." + "/".join(check), problems)
     if cfg.DATASETS.VALIDATION != "error" or cfg.DATASETS.IGNORE_CATEGORIES:
         others = sorted({n for key in check for n in cfg.DATASETS[key] if n not in names})
         if others:

@@ -12,6 +12,7 @@ from detectron2.structures import BoxMode
 
 from .coco import apply_ignore
 from .formats import FORMATS, read_dataset
+from ..utils.errors import DatasetError, OutputExistsError, UsageError
 
 __all__ = ["add_source_args", "load_source", "records_to_coco"]
 
@@ -58,16 +59,16 @@ def load_source(args, progress=None, cfg=None):
         register_manifest(args.manifest)
     if args.format:
         if not args.annotations or not args.images:
-            raise ValueError("--format needs --annotations and --images")
+            raise UsageError("--format needs --annotations and --images")
         coco = read_dataset(args.format, args.annotations, args.images, classes=args.classes, progress=progress)
         coco, _ = apply_ignore(coco, args.ignore, args.annotations)
         return coco, args.images, args.annotations
     if not args.dataset:
-        raise ValueError("give --dataset NAME (with --manifest FILE for manifest datasets) or "
+        raise UsageError("give --dataset NAME (with --manifest FILE for manifest datasets) or "
                          "--format/--annotations/--images")
     if args.dataset not in DatasetCatalog.list():
         own = [n for n in DatasetCatalog.list() if hasattr(MetadataCatalog.get(n), "dataset_format")]
-        raise ValueError(f"dataset '{args.dataset}' is not registered (defect datasets: {', '.join(own)})")
+        raise DatasetError(f"dataset '{args.dataset}' is not registered (defect datasets: {', '.join(own)})")
     meta = MetadataCatalog.get(args.dataset)
     fmt = getattr(meta, "dataset_format", None)
     if fmt is not None:
@@ -116,22 +117,13 @@ def check_output(path, overwrite, protected=()):
     real = os.path.realpath(path)
     for p in protected:
         if p and os.path.realpath(p) == real:
-            raise ValueError(f"refusing to write over the source annotations {path}; choose another output")
+            raise UsageError(f"refusing to write over the source annotations {path}; choose another output")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
-        raise ValueError(f"{path} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
 def run_tool(main, argv=None):
     """Run a tool's ``main(argv)``; user errors end with an ``ERROR: ...`` message and exit code 2."""
-    import sys
+    from ..utils.errors import run_cli
 
-    import yaml
-
-    from .coco import DatasetError
-
-    try:
-        return main(argv)
-    except (DatasetError, ValueError, FileNotFoundError, KeyError, yaml.YAMLError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"ERROR: {msg}", file=sys.stderr, flush=True)
-        return 2
+    return run_cli(main, argv, exit=False)

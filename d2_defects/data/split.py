@@ -2,6 +2,7 @@
 from collections import Counter
 
 import numpy as np
+from ..utils.errors import UsageError
 
 __all__ = ["SPLIT_METHODS", "split_images", "kfold_images", "subset_coco", "class_counts", "counts_table"]
 
@@ -58,13 +59,13 @@ def split_images(coco, method="random", fractions=(0.9, 0.1), seed=0, every=None
         return out
     if method == "interval":
         if len(fractions) != 2:
-            raise ValueError("interval split makes two splits; give two fractions")
+            raise UsageError("interval split makes two splits; give two fractions")
         k = int(every or round(1.0 / fractions[-1]))
         if k < 2:
-            raise ValueError(f"interval split needs every >= 2, got {k}")
+            raise UsageError(f"interval split needs every >= 2, got {k}")
         order = [img["id"] for img in sorted(coco["images"], key=lambda im: im["file_name"])]
         return [[i for j, i in enumerate(order) if j % k != k - 1], [i for j, i in enumerate(order) if j % k == k - 1]]
-    raise ValueError(f"unknown split method {method!r}; use one of {SPLIT_METHODS}")
+    raise UsageError(f"unknown split method {method!r}; use one of {SPLIT_METHODS}")
 
 
 def kfold_images(coco, k=5, seed=0, stratified=True):
@@ -73,7 +74,7 @@ def kfold_images(coco, k=5, seed=0, stratified=True):
         list[list[int]]: k disjoint folds of image ids (stratified by rarest class unless told not to).
     """
     if k < 2:
-        raise ValueError(f"k-fold needs k >= 2, got {k}")
+        raise UsageError(f"k-fold needs k >= 2, got {k}")
     parts = split_images(coco, "stratified" if stratified else "random", fractions=[1.0] * k, seed=seed)
     return parts
 

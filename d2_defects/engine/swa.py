@@ -27,6 +27,7 @@ from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import DefectCheckpointer
+from ..utils.errors import ConfigError
 
 __all__ = [
     "SWAState",
@@ -57,9 +58,7 @@ def unwrap_model(model):
 
 
 def validate_swa_config(cfg):
-    """Raise ``ValueError`` naming the key if a ``SOLVER.SWA`` value is invalid (no-op when disabled)."""
-    from .launch import UserError  # a ValueError reported as one line by train_net
-
+    """Raise :class:`ConfigError` naming the key if a ``SOLVER.SWA`` value is invalid (no-op when disabled)."""
     swa = cfg.SOLVER.SWA
     if not swa.ENABLED:
         return
@@ -73,9 +72,9 @@ def validate_swa_config(cfg):
     ]
     for key, ok, what in checks:
         if not ok:
-            raise UserError(f"config error: SOLVER.SWA.{key} must be {what}, got {getattr(swa, key)!r}")
+            raise ConfigError(f"SOLVER.SWA.{key} must be {what}, got {getattr(swa, key)!r}")
     if cfg.SOLVER.MAX_ITER < 0:
-        raise UserError(f"config error: SOLVER.MAX_ITER must be >= 0 with SWA, got {cfg.SOLVER.MAX_ITER}")
+        raise ConfigError(f"SOLVER.MAX_ITER must be >= 0 with SWA, got {cfg.SOLVER.MAX_ITER}")
 
 
 def swa_max_iter(cfg):
@@ -107,7 +106,7 @@ def swa_lr_factor(j, cycle_iters, start, end, shape="linear"):
         return start + (end - start) * t
     if shape == "cosine":
         return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
-    raise ValueError(f"SOLVER.SWA.LR_SHAPE must be one of {_LR_SHAPES}, got {shape!r}")
+    raise ConfigError(f"SOLVER.SWA.LR_SHAPE must be one of {_LR_SHAPES}, got {shape!r}")
 
 
 class SWALRMultiplier(LRMultiplier):
@@ -125,7 +124,7 @@ class SWALRMultiplier(LRMultiplier):
     def from_config(cls, cfg, regular):
         """Extend ``regular`` (the :class:`LRMultiplier` built for ``cfg``) with the SWA phase."""
         if not isinstance(regular, LRMultiplier):
-            raise ValueError(
+            raise ConfigError(
                 f"SOLVER.SWA.ENABLED needs a Detectron2 LRMultiplier scheduler, got {type(regular).__name__} "
                 f"(SOLVER.LR_SCHEDULER_NAME={cfg.SOLVER.LR_SCHEDULER_NAME})"
             )

@@ -119,15 +119,23 @@ class Trainer(DefaultTrainer):
         return results
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with the project's mapper (reads 16-bit images, ``INPUT.HIGH_BIT_DEPTH``)."""
+        from detectron2.data import build_detection_test_loader
+
+        from ..data.mapper import build_defect_test_mapper
+
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_defect_test_mapper(cfg))
+
+    @classmethod
     def build_train_loader(cls, cfg):
         """Detectron2's train loader with the defect mapper (``INPUT.VFLIP``/``ROT90``/``PHOTOMETRIC``/
-        ``COPY_PASTE``); with those keys off it is exactly the default loader."""
+        ``COPY_PASTE``, 16-bit images); with those keys off and 8-bit images it gives the default loader's
+        batches."""
         from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 
-        from ..data.mapper import build_defect_train_mapper, defect_augmentations_enabled
+        from ..data.mapper import build_defect_train_mapper
 
-        if not defect_augmentations_enabled(cfg):
-            return super().build_train_loader(cfg)
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -144,9 +152,10 @@ class Trainer(DefaultTrainer):
         Images are loaded at full resolution (the augmentation resizes them). Results are keyed
         ``<task>_TTA`` and also written to ``OUTPUT_DIR/eval_tta_results.json`` and ``eval_tta_tables.md``.
         """
-        from detectron2.data import DatasetMapper, build_detection_test_loader
+        from detectron2.data import build_detection_test_loader
         from detectron2.evaluation import inference_on_dataset
 
+        from ..data.mapper import build_defect_test_mapper
         from ..modeling.tta import DefectTTA
 
         logging.getLogger("d2_defects").info("Running inference with test-time augmentation ...")
@@ -154,7 +163,7 @@ class Trainer(DefaultTrainer):
         results = OrderedDict()
         for name in cfg.DATASETS.TEST:
             loader = build_detection_test_loader(
-                cfg, name, mapper=DatasetMapper(cfg, is_train=False, augmentations=[])
+                cfg, name, mapper=build_defect_test_mapper(cfg, augmentations=[])
             )
             evaluator = cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
             results[name] = inference_on_dataset(tta_model, loader, evaluator)

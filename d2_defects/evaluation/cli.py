@@ -1,15 +1,15 @@
 """Shared pieces of ``tools/analyze_results.py`` and ``tools/tune_thresholds.py``."""
-import sys
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data.coco import DatasetError
-from ..engine.launch import UserError, load_config
+from ..config import load_config
+from ..utils.errors import DatasetError, DefectsError, UsageError
+from ..utils.errors import report_error  # noqa: F401  (re-exported)
 from .scoring import defect_eval_settings, evaluate_detections, load_predictions
 
 __all__ = ["add_common_args", "evaluate_saved", "USER_ERRORS", "report_error"]
 
-USER_ERRORS = (UserError, DatasetError, ValueError, FileNotFoundError)
+# the errors the evaluation tools report as one line (the project's own; anything else is a bug)
+USER_ERRORS = (DefectsError,)
 
 
 def add_common_args(p):
@@ -30,7 +30,7 @@ def evaluate_saved(args, progress=None):
     cfg = load_config(args.config_file, args.opts)
     settings = defect_eval_settings(cfg, iou=args.iou, ap_method=args.ap_method)
     if args.dataset not in DatasetCatalog.list():
-        raise UserError(f"dataset {args.dataset!r} is not registered (is DETECTRON2_DATASETS set to the "
+        raise UsageError(f"dataset {args.dataset!r} is not registered (is DETECTRON2_DATASETS set to the "
                         "folder that holds it?)")
     meta = MetadataCatalog.get(args.dataset)
     preds = load_predictions(args.predictions, args.dataset)
@@ -38,13 +38,6 @@ def evaluate_saved(args, progress=None):
     try:
         result = evaluate_detections(records, preds, meta.thing_classes, settings, dataset_name=args.dataset,
                                      metadata_weights=getattr(meta, "thing_class_weights", None))
-    except ValueError as e:
-        raise UserError(f"{args.predictions}: {e}") from None
+    except DatasetError as e:  # predictions that do not fit the dataset
+        raise DatasetError(f"{args.predictions}: {e}") from None
     return result, cfg
-
-
-def report_error(e):
-    """Print ``e`` as one ``ERROR:`` line (a DatasetError lists its bad records below it); return 2."""
-    msg = f"file not found: {e.filename}" if isinstance(e, FileNotFoundError) and e.filename else str(e)
-    print(f"ERROR: {msg}", file=sys.stderr)
-    return 2

@@ -13,6 +13,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from .scoring import defect_eval_settings, evaluate_detections
+from ..utils.errors import DatasetError
 
 __all__ = ["DefectEvaluator"]
 
@@ -49,7 +50,7 @@ class DefectEvaluator(DatasetEvaluator):
         self._metadata = MetadataCatalog.get(dataset_name)
         classes = getattr(self._metadata, "thing_classes", None)
         if classes is None:
-            raise ValueError(f"DefectEvaluator: dataset {dataset_name!r} has no thing_classes in its metadata")
+            raise DatasetError(f"DefectEvaluator: dataset {dataset_name!r} has no thing_classes in its metadata")
         # fail at build time (not after inference) when the weights do not fit the dataset
         self._settings.weights_for(dataset_name, len(classes), getattr(self._metadata, "thing_class_weights", None))
         self._predictions = []

@@ -1,5 +1,6 @@
 """IoU thresholds of the evaluation protocols: fixed lists and the bottle competition's size rule."""
 import numpy as np
+from ..utils.errors import ConfigError
 
 __all__ = ["IOU_PRESETS", "IouRule", "bottle_iou_threshold", "resolve_iou"]
 
@@ -85,7 +86,7 @@ def resolve_iou(spec, key="TEST.DEFECT_EVAL.IOU"):
         try:
             spec = [float(s) for s in name.strip("[]()").split(",") if s.strip()]
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}: unknown IoU preset {spec!r}; use one of {sorted(IOU_PRESETS)} or a list of "
                 "thresholds such as [0.1, 0.3, 0.5]"
             ) from None
@@ -93,8 +94,8 @@ def resolve_iou(spec, key="TEST.DEFECT_EVAL.IOU"):
         try:
             values = [float(v) for v in spec]
         except (TypeError, ValueError):
-            raise ValueError(f"{key}: IoU thresholds must be numbers, got {spec!r}") from None
+            raise ConfigError(f"{key}: IoU thresholds must be numbers, got {spec!r}") from None
         if not values or any(not (0.0 < v <= 1.0) for v in values):
-            raise ValueError(f"{key}: IoU thresholds must be a non-empty list of values in (0, 1], got {spec!r}")
+            raise ConfigError(f"{key}: IoU thresholds must be a non-empty list of values in (0, 1], got {spec!r}")
         return IouRule("custom", values)
-    raise ValueError(f"{key}: expected a preset name or a list of thresholds, got {spec!r}")
+    raise ConfigError(f"{key}: expected a preset name or a list of thresholds, got {spec!r}")

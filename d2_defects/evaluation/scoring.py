@@ -12,6 +12,7 @@ from detectron2.structures import BoxMode
 
 from .ap import accumulate, match_detections
 from .iou_rules import resolve_iou
+from ..utils.errors import InputNotFoundError, ConfigError, DatasetError
 
 __all__ = [
     "DefectEvalSettings",
@@ -45,7 +46,7 @@ class DefectEvalSettings:
         p = "TEST.DEFECT_EVAL."
         self.iou = resolve_iou(iou, p + "IOU")
         if ap_method not in AP_METHODS:
-            raise ValueError(f"{p}AP_METHOD: must be one of {AP_METHODS}, got {ap_method!r}")
+            raise ConfigError(f"{p}AP_METHOD: must be one of {AP_METHODS}, got {ap_method!r}")
         self.ap_method = ap_method
         if class_weights is not None and len(class_weights) == 0:
             class_weights = None
@@ -53,21 +54,21 @@ class DefectEvalSettings:
             try:
                 class_weights = [float(w) for w in class_weights]
             except (TypeError, ValueError):
-                raise ValueError(f"{p}CLASS_WEIGHTS: must be numbers, got {class_weights!r}") from None
+                raise ConfigError(f"{p}CLASS_WEIGHTS: must be numbers, got {class_weights!r}") from None
             if any(w < 0 or not math.isfinite(w) for w in class_weights) or sum(class_weights) <= 0:
-                raise ValueError(f"{p}CLASS_WEIGHTS: must be >= 0 with a positive sum, got {class_weights}")
+                raise ConfigError(f"{p}CLASS_WEIGHTS: must be >= 0 with a positive sum, got {class_weights}")
         self.class_weights = class_weights
         if not (0.0 <= float(image_score_threshold) <= 1.0):
-            raise ValueError(f"{p}IMAGE_SCORE_THRESHOLD: must be in [0, 1], got {image_score_threshold}")
+            raise ConfigError(f"{p}IMAGE_SCORE_THRESHOLD: must be in [0, 1], got {image_score_threshold}")
         self.image_score_threshold = float(image_score_threshold)
         for key, v in (("ACC_WEIGHT", acc_weight), ("MAP_WEIGHT", map_weight)):
             if not (float(v) >= 0 and math.isfinite(float(v))):
-                raise ValueError(f"{p}{key}: must be a finite number >= 0, got {v}")
+                raise ConfigError(f"{p}{key}: must be a finite number >= 0, got {v}")
         if float(acc_weight) + float(map_weight) <= 0:
-            raise ValueError(f"{p}ACC_WEIGHT / {p}MAP_WEIGHT: at least one must be > 0")
+            raise ConfigError(f"{p}ACC_WEIGHT / {p}MAP_WEIGHT: at least one must be > 0")
         self.acc_weight, self.map_weight = float(acc_weight), float(map_weight)
         if score_map not in SCORE_MAPS:
-            raise ValueError(f"{p}SCORE_MAP: must be one of {SCORE_MAPS}, got {score_map!r}")
+            raise ConfigError(f"{p}SCORE_MAP: must be one of {SCORE_MAPS}, got {score_map!r}")
         self.score_map = score_map
         self.max_dets = int(max_dets)
 
@@ -80,7 +81,7 @@ class DefectEvalSettings:
         if w is None:
             return np.ones(num_classes), "uniform"
         if len(w) != num_classes:
-            raise ValueError(f"{source}: {len(w)} weights given but {dataset_name} has {num_classes} classes")
+            raise ConfigError(f"{source}: {len(w)} weights given but {dataset_name} has {num_classes} classes")
         return np.asarray(w, dtype=np.float64), source
 
 
@@ -296,14 +297,14 @@ def evaluate_detections(records, predictions, class_names, settings=None, datase
     index = {r["image_id"]: i for i, r in enumerate(records)}
     unknown = [p["image_id"] for p in predictions if p["image_id"] not in index]
     if unknown:
-        raise ValueError(f"{dataset_name}: predictions for {len(unknown)} image id(s) not in the dataset, "
+        raise DatasetError(f"{dataset_name}: predictions for {len(unknown)} image id(s) not in the dataset, "
                          f"e.g. {unknown[:5]}")
     K = len(class_names)
     gt = gt_arrays(records)
     dt = det_arrays(predictions, index)
     bad = dt["cls"][(dt["cls"] < 0) | (dt["cls"] >= K)]
     if len(bad):
-        raise ValueError(f"{dataset_name}: detections with class ids {sorted(set(bad.tolist()))} outside 0..{K - 1}")
+        raise DatasetError(f"{dataset_name}: detections with class ids {sorted(set(bad.tolist()))} outside 0..{K - 1}")
     weights, source = settings.weights_for(dataset_name, K, metadata_weights)
     match = match_detections(gt, dt, K, settings.iou, settings.max_dets)
     ap_info = accumulate(gt, dt, match, K, settings.ap_method)
@@ -330,15 +331,15 @@ def load_predictions(path, dataset_name):
     from detectron2.data import MetadataCatalog
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(path)
+        raise InputNotFoundError(path)
     try:
         with open(path) as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid json file: {e}") from None
+        raise DatasetError(f"{path}: not a valid json file: {e}") from None
     id_map = getattr(MetadataCatalog.get(dataset_name), "thing_dataset_id_to_contiguous_id", None)
     if id_map is None:
-        raise ValueError(f"dataset {dataset_name!r} is not registered (no thing_dataset_id_to_contiguous_id)")
+        raise DatasetError(f"dataset {dataset_name!r} is not registered (no thing_dataset_id_to_contiguous_id)")
 
     def entry(image_id, dets, where, defect_score=None):
         boxes, scores, classes = [], [], []
@@ -346,11 +347,11 @@ def load_predictions(path, dataset_name):
             try:
                 cid, box, score = d["category_id"], [float(v) for v in d["bbox"]], float(d["score"])
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: {where}, detection {j}: needs category_id, bbox [x, y, w, h], score") from None
+                raise DatasetError(f"{path}: {where}, detection {j}: needs category_id, bbox [x, y, w, h], score") from None
             if cid not in id_map:
-                raise ValueError(f"{path}: {where}, detection {j}: category id {cid} unknown to {dataset_name}")
+                raise DatasetError(f"{path}: {where}, detection {j}: category id {cid} unknown to {dataset_name}")
             if len(box) != 4:
-                raise ValueError(f"{path}: {where}, detection {j}: bbox must have 4 numbers")
+                raise DatasetError(f"{path}: {where}, detection {j}: bbox must have 4 numbers")
             boxes.append(box)
             scores.append(score)
             classes.append(id_map[cid])
@@ -361,19 +362,19 @@ def load_predictions(path, dataset_name):
     if isinstance(data, dict) and "images" in data:
         data = data["images"]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of detections or of per-image entries")
+        raise DatasetError(f"{path}: expected a list of detections or of per-image entries")
     out = []
     if data and isinstance(data[0], dict) and "instances" in data[0]:
         for i, e in enumerate(data):
             if not isinstance(e, dict) or "image_id" not in e or "instances" not in e:
-                raise ValueError(f"{path}: entry {i}: needs image_id and instances")
+                raise DatasetError(f"{path}: entry {i}: needs image_id and instances")
             out.append(entry(e["image_id"], e["instances"], f"entry {i} (image id {e['image_id']})",
                              e.get("defect_score")))
         return out
     per_image = {}
     for i, d in enumerate(data):
         if not isinstance(d, dict) or "image_id" not in d:
-            raise ValueError(f"{path}: detection {i}: needs image_id")
+            raise DatasetError(f"{path}: detection {i}: needs image_id")
         per_image.setdefault(d["image_id"], []).append((i, d))
     for image_id, items in per_image.items():
         e = entry(image_id, [d for _, d in items], f"image id {image_id}")

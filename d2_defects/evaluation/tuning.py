@@ -3,6 +3,7 @@ import numpy as np
 
 from .ap import ap_from_flags
 from .scoring import combined_score, image_accuracy
+from ..utils.errors import ConfigError
 
 __all__ = ["ThresholdScorer", "kept_by_thresholds", "model_score_thresholds", "tune_class_thresholds"]
 
@@ -24,7 +25,7 @@ def model_score_thresholds(cfg, num_classes):
     per_class = [float(t) for t in cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS]
     if per_class:
         if len(per_class) != num_classes:
-            raise ValueError(f"MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS has {len(per_class)} values but the "
+            raise ConfigError(f"MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS has {len(per_class)} values but the "
                              f"dataset has {num_classes} classes")
         return per_class
     head = cfg.MODEL.FCOS if "FCOS" in cfg.MODEL.META_ARCHITECTURE else cfg.MODEL.ROI_HEADS

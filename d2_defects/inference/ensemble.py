@@ -9,12 +9,13 @@ import numpy as np
 import torch
 
 from ..modeling.postprocess import PostprocessParams
+from ..utils.errors import DatasetError
 from .merge import merge_detections
 
 __all__ = ["ResultsFileError", "load_results", "ensemble_results", "evaluate_results"]
 
 
-class ResultsFileError(ValueError):
+class ResultsFileError(DatasetError):
     """A results file that is missing, not a COCO results list, or has a malformed record."""
 
 

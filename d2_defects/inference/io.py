@@ -7,6 +7,8 @@ import cv2
 import numpy as np
 from detectron2.structures import BoxMode
 
+from ..utils.errors import ConfigError, OutputExistsError
+
 __all__ = ["ResultsWriter", "OUTPUT_FILES", "check_can_write"]
 
 # files written into the output folder
@@ -14,12 +16,12 @@ OUTPUT_FILES = ("results.json", "images.json", "results.csv", "skipped.txt")
 
 
 def check_can_write(paths, overwrite):
-    """Raise ``FileExistsError`` naming the first existing path, unless ``overwrite``."""
+    """Raise :class:`OutputExistsError` (a ``FileExistsError``) naming the first existing path, unless ``overwrite``."""
     if overwrite:
         return
     for p in paths:
         if os.path.exists(p):
-            raise FileExistsError(f"{p} exists (use --overwrite to replace it)")
+            raise OutputExistsError(f"{p} exists (use --overwrite to replace it)")
 
 
 def _atomic_json(path, obj):
@@ -85,7 +87,7 @@ class ResultsWriter:
         classes = instances.pred_classes.numpy().tolist()
         for box, score, c in zip(boxes, scores, classes):
             if self.category_ids is not None and c not in self.category_ids:
-                raise ValueError(f"{file_name}: predicted class {c}, but the dataset metadata has only "
+                raise ConfigError(f"{file_name}: predicted class {c}, but the dataset metadata has only "
                                  f"{len(self.class_names)} classes (does the model match the dataset?)")
             self.detections.append({
                 "image_id": image_id, "category_id": int(self.category_ids[c] if self.category_ids else c),

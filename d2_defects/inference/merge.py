@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..modeling.postprocess import PostprocessParams, select_detections
+from ..utils.errors import UsageError
 
 __all__ = ["MERGE_METHODS", "merge_detections", "with_soft_nms"]
 
@@ -62,13 +63,13 @@ def merge_detections(boxes, scores, classes, image_size, method, params: Postpro
         (descending), at most ``params.topk_per_image``.
     """
     if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}, expected one of {MERGE_METHODS}")
+        raise UsageError(f"unknown merge method {method!r}, expected one of {MERGE_METHODS}")
     n = len(boxes)
     if not (n == len(scores) == len(classes)) or n == 0:
         raise ValueError("merge_detections needs the same number (>= 1) of boxes, scores and classes lists")
     weights = [1.0] * n if weights is None else [float(x) for x in weights]
     if len(weights) != n or min(weights) <= 0:
-        raise ValueError(f"need {n} positive weights, got {weights}")
+        raise UsageError(f"need {n} positive weights, got {weights}")
     if method == "wbf":
         if sum(len(b) for b in boxes) == 0:
             return boxes[0].new_zeros((0, 4)), scores[0].new_zeros(0), classes[0].new_zeros(0)

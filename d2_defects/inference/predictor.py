@@ -4,12 +4,14 @@ import os
 
 import numpy as np
 import torch
-from detectron2.data import detection_utils
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.modeling import build_model
 from PIL import Image
 
 from ..checkpoint import DefectCheckpointer
+from ..utils.errors import ConfigError, InputNotFoundError
+from ..utils.image_io import check_window
+from ..utils.image_io import read_image as _read_any_depth
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "list_images", "read_image", "BatchPredictor"]
 
@@ -36,14 +38,18 @@ def list_images(spec):
         files = [f for f in glob.glob(spec, recursive=True) if os.path.isfile(f)]
     files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {spec}")
+        raise InputNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {spec}")
     return files
 
 
-def read_image(path, input_format="BGR"):
-    """Read ``path`` as HxWxC uint8 in ``input_format``; any decoding problem is an :class:`ImageReadError`."""
+def read_image(path, input_format="BGR", high_bit_window=None):
+    """
+    Read ``path`` as HxWxC uint8 in ``input_format``; any decoding problem is an :class:`ImageReadError`.
+    16-bit images are scaled to 0..255 by ``high_bit_window`` (``INPUT.HIGH_BIT_DEPTH.WINDOW``; None: full range),
+    see :mod:`d2_defects.utils.image_io`.
+    """
     try:
-        img = detection_utils.read_image(path, format=input_format)
+        img = _read_any_depth(path, format=input_format, window=high_bit_window)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from None
     if img.ndim != 3 or img.size == 0:
@@ -52,15 +58,15 @@ def read_image(path, input_format="BGR"):
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, files, input_format):
-        self.files, self.input_format = files, input_format
+    def __init__(self, files, input_format, high_bit_window=None):
+        self.files, self.input_format, self.high_bit_window = files, input_format, high_bit_window
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return i, read_image(self.files[i], self.input_format), None
+            return i, read_image(self.files[i], self.input_format, self.high_bit_window), None
         except ImageReadError as e:
             return i, None, str(e)
 
@@ -83,6 +89,10 @@ class BatchPredictor:
             model (nn.Module or None): an already built model (weights are then not loaded).
         """
         self.cfg = cfg.clone()
+        try:
+            self.high_bit_window = check_window(cfg.INPUT.HIGH_BIT_DEPTH.WINDOW)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if model is None:
             model = build_model(self.cfg)
             if cfg.MODEL.WEIGHTS:
@@ -134,7 +144,7 @@ class BatchPredictor:
             progress (callable or None): e.g. ``tqdm``, wraps the per-image iteration.
         """
         loader = torch.utils.data.DataLoader(
-            _ImageFiles(files, self.input_format), batch_size=batch_size, num_workers=num_workers,
+            _ImageFiles(files, self.input_format, self.high_bit_window), batch_size=batch_size, num_workers=num_workers,
             collate_fn=list,
         )
         bar = progress(total=len(files), unit="img") if progress else None

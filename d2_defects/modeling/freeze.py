@@ -8,6 +8,7 @@ import re
 
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
+from ..utils.errors import ConfigError
 
 __all__ = ["FREEZE_SCHEMES", "HEAD_MODULES", "freeze_model", "frozen_parameter_names"]
 
@@ -30,7 +31,7 @@ def frozen_parameter_names(model, scheme="none", patterns=()):
     - ``patterns``: regexes, ``re.search`` on the parameter name.
     """
     if scheme not in FREEZE_SCHEMES:
-        raise ValueError(f"MODEL.FREEZE.SCHEME must be one of {FREEZE_SCHEMES}, got {scheme!r}")
+        raise ConfigError(f"MODEL.FREEZE.SCHEME must be one of {FREEZE_SCHEMES}, got {scheme!r}")
     model = _unwrap(model)
     names = [n for n, _ in model.named_parameters()]
     if scheme == "backbone":
@@ -43,15 +44,15 @@ def frozen_parameter_names(model, scheme="none", patterns=()):
     else:
         frozen = set()
     if scheme != "none" and not frozen:
-        raise ValueError(f"MODEL.FREEZE.SCHEME={scheme!r} matches no parameter of {type(model).__name__}")
+        raise ConfigError(f"MODEL.FREEZE.SCHEME={scheme!r} matches no parameter of {type(model).__name__}")
     for p in patterns:
         try:
             regex = re.compile(p)
         except re.error as e:
-            raise ValueError(f"MODEL.FREEZE.PATTERNS: invalid regex {p!r}: {e}") from e
+            raise ConfigError(f"MODEL.FREEZE.PATTERNS: invalid regex {p!r}: {e}") from e
         matched = {n for n in names if regex.search(n)}
         if not matched:
-            raise ValueError(f"MODEL.FREEZE.PATTERNS: {p!r} matches no parameter name")
+            raise ConfigError(f"MODEL.FREEZE.PATTERNS: {p!r} matches no parameter name")
         frozen |= matched
     return [n for n in names if n in frozen]
 

@@ -14,6 +14,7 @@ from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 
 from ..layers.soft_nms import SOFT_NMS_METHODS, batched_soft_nms
+from ..utils.errors import ConfigError
 
 __all__ = [
     "PostprocessParams", "detection_inference", "select_detections", "uses_project_postprocess",
@@ -46,21 +47,21 @@ class PostprocessParams:
         k = cfg.MODEL.ROI_HEADS.NUM_CLASSES if num_classes is None else num_classes
         per_class = [float(x) for x in cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS]
         if per_class and len(per_class) != k:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS has {len(per_class)} values but the model has "
                 f"K={k} classes (give K floats, or [] to use MODEL.ROI_HEADS.SCORE_THRESH_TEST for all)"
             )
         if not all(math.isfinite(x) for x in per_class):
-            raise ValueError(f"MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS must be finite numbers, got {per_class}")
+            raise ConfigError(f"MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS must be finite numbers, got {per_class}")
         sn = cfg.MODEL.SOFT_NMS
         if sn.METHOD not in SOFT_NMS_METHODS:
-            raise ValueError(f"MODEL.SOFT_NMS.METHOD must be one of {sorted(SOFT_NMS_METHODS)}, got {sn.METHOD!r}")
+            raise ConfigError(f"MODEL.SOFT_NMS.METHOD must be one of {sorted(SOFT_NMS_METHODS)}, got {sn.METHOD!r}")
         if not (math.isfinite(sn.SIGMA) and sn.SIGMA > 0):
-            raise ValueError(f"MODEL.SOFT_NMS.SIGMA must be > 0, got {sn.SIGMA}")
+            raise ConfigError(f"MODEL.SOFT_NMS.SIGMA must be > 0, got {sn.SIGMA}")
         if not 0.0 <= sn.IOU_THRESHOLD <= 1.0:
-            raise ValueError(f"MODEL.SOFT_NMS.IOU_THRESHOLD must be in [0, 1], got {sn.IOU_THRESHOLD}")
+            raise ConfigError(f"MODEL.SOFT_NMS.IOU_THRESHOLD must be in [0, 1], got {sn.IOU_THRESHOLD}")
         if not (math.isfinite(sn.SCORE_THRESHOLD) and sn.SCORE_THRESHOLD >= 0):
-            raise ValueError(f"MODEL.SOFT_NMS.SCORE_THRESHOLD must be >= 0, got {sn.SCORE_THRESHOLD}")
+            raise ConfigError(f"MODEL.SOFT_NMS.SCORE_THRESHOLD must be >= 0, got {sn.SCORE_THRESHOLD}")
         return cls(
             score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
             nms_thresh=cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
@@ -138,6 +139,8 @@ def select_detections(boxes, scores, classes, params: PostprocessParams):
     else:
         cand = torch.nonzero(scores > params.score_thresh).squeeze(1)
     boxes, scores, classes = boxes[cand], scores[cand], classes[cand]
+    if params.defer_nms:
+        return cand, scores
     if params.soft_nms:
         keep, final_scores = batched_soft_nms(
             boxes, scores, classes, method=params.soft_nms_method, sigma=params.soft_nms_sigma,
@@ -169,7 +172,7 @@ def check_postprocess_keys_used(cfg, model):
     if len(cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS):
         keys.append("MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS")
     if keys and not uses_project_postprocess(model):
-        raise ValueError(
+        raise ConfigError(
             f"config error: {' and '.join(keys)} would be ignored: the model ({cfg.MODEL.META_ARCHITECTURE}, "
             f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME}) has no d2_defects postprocessing; use the "
             "project's heads (DefectStandardROIHeads, DefectCascadeROIHeads, DefectFCOS) or unset the key"

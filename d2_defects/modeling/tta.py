@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .postprocess import PostprocessParams
+from ..utils.errors import ConfigError
 
 __all__ = ["DefectTTA", "tta_options", "model_num_classes"]
 
@@ -40,15 +41,15 @@ def tta_options(cfg):
     aug = cfg.TEST.AUG
     min_sizes = [int(s) for s in aug.MIN_SIZES]
     if not min_sizes or min(min_sizes) <= 0:
-        raise ValueError(f"TEST.AUG.MIN_SIZES must be a non-empty list of positive sizes, got {aug.MIN_SIZES}")
+        raise ConfigError(f"TEST.AUG.MIN_SIZES must be a non-empty list of positive sizes, got {aug.MIN_SIZES}")
     if aug.MAX_SIZE <= 0:
-        raise ValueError(f"TEST.AUG.MAX_SIZE must be positive, got {aug.MAX_SIZE}")
+        raise ConfigError(f"TEST.AUG.MAX_SIZE must be positive, got {aug.MAX_SIZE}")
     if aug.MERGE not in MERGE_METHODS:
-        raise ValueError(f"TEST.AUG.MERGE must be one of {MERGE_METHODS}, got {aug.MERGE!r}")
+        raise ConfigError(f"TEST.AUG.MERGE must be one of {MERGE_METHODS}, got {aug.MERGE!r}")
     if not 0 < aug.WBF_IOU_THRESH < 1:
-        raise ValueError(f"TEST.AUG.WBF_IOU_THRESH must be in (0, 1), got {aug.WBF_IOU_THRESH}")
+        raise ConfigError(f"TEST.AUG.WBF_IOU_THRESH must be in (0, 1), got {aug.WBF_IOU_THRESH}")
     if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
-        raise ValueError("TEST.AUG.ENABLED: test-time augmentation merges boxes only (MODEL.MASK_ON and "
+        raise ConfigError("TEST.AUG.ENABLED: test-time augmentation merges boxes only (MODEL.MASK_ON and "
                          "MODEL.KEYPOINT_ON must be False)")
     return dict(min_sizes=min_sizes, max_size=int(aug.MAX_SIZE), flip=bool(aug.FLIP), vflip=bool(aug.VFLIP),
                 merge=aug.MERGE, wbf_iou_thresh=float(aug.WBF_IOU_THRESH))

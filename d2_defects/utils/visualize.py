@@ -8,6 +8,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
+from .errors import DatasetError, InputNotFoundError
 
 __all__ = ["load_coco_results", "draw_dataset_predictions", "draw_boxes"]
 
@@ -20,7 +21,7 @@ def load_coco_results(path, dataset_name):
         dict[int, list[dict]]: image id -> [{"bbox": XYXY, "score", "category_id" (contiguous)}]
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"results file not found: {path}")
+        raise InputNotFoundError(f"results file not found: {path}")
     with open(path) as f:
         dets = json.load(f)
     meta = MetadataCatalog.get(dataset_name)
@@ -30,7 +31,7 @@ def load_coco_results(path, dataset_name):
         cid = d["category_id"]
         if id_map is not None:
             if cid not in id_map:
-                raise ValueError(f"{path}: detection {i} has category id {cid}, unknown to {dataset_name}")
+                raise DatasetError(f"{path}: detection {i} has category id {cid}, unknown to {dataset_name}")
             cid = id_map[cid]
         box = BoxMode.convert(list(d["bbox"]), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         out.setdefault(d["image_id"], []).append({"bbox": box, "score": d["score"], "category_id": cid})
@@ -85,7 +86,7 @@ def draw_dataset_predictions(dataset_name, predictions, output_dir, num_images=8
             raise FileExistsError(f"{out} exists (use --overwrite to replace it)")
         img = cv2.imread(r["file_name"], cv2.IMREAD_COLOR)
         if img is None:
-            raise FileNotFoundError(f"cannot read image {r['file_name']}")
+            raise InputNotFoundError(f"cannot read image {r['file_name']}")
         rgb = img[:, :, ::-1]
         gt_boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in r["annotations"]]
         gt_labels = ["GT " + meta.thing_classes[a["category_id"]] for a in r["annotations"]]

@@ -14,6 +14,7 @@ from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_re
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
 from torchvision.ops import deform_conv2d
+from ...utils.errors import ConfigError
 
 __all__ = [
     "ResNetDeformConv",
@@ -37,7 +38,7 @@ class ResNetDeformConv(nn.Module):
         super().__init__()
         in_channels = conv.in_channels
         if offset_groups < 1 or in_channels % offset_groups != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.RESNETS.DEFORM_NUM_GROUPS={offset_groups} must divide the input channels ({in_channels})"
             )
         self.weight = conv.weight
@@ -85,7 +86,7 @@ class ResNetDeformConv(nn.Module):
 def _deform_settings(cfg):
     stages = list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
     if len(stages) != 4 or not all(isinstance(s, bool) for s in stages):
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.RESNETS.DEFORM_ON_PER_STAGE must be 4 booleans (res2..res5), got {cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE}"
         )
     return stages, bool(cfg.MODEL.RESNETS.DEFORM_MODULATED), int(cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS)

@@ -12,6 +12,7 @@ import timm
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+from ...utils.errors import InputNotFoundError, ConfigError
 
 __all__ = ["TimmBackbone", "build_timm_backbone", "build_timm_fpn_backbone", "build_retinanet_timm_fpn_backbone"]
 
@@ -32,21 +33,21 @@ class TimmBackbone(Backbone):
         kwargs = dict(features_only=True, out_indices=tuple(out_indices), in_chans=in_chans)
         if pretrained_weights:
             if not os.path.isfile(pretrained_weights):
-                raise FileNotFoundError(f"MODEL.TIMM.PRETRAINED_WEIGHTS: file not found: {pretrained_weights}")
+                raise InputNotFoundError(f"MODEL.TIMM.PRETRAINED_WEIGHTS: file not found: {pretrained_weights}")
             # timm's own loader (key remapping, classifier removal) reading the local file only
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(pretrained_weights)))
         else:
             kwargs["pretrained"] = False
         if not timm.is_model(name):
-            raise ValueError(f"MODEL.TIMM.NAME: unknown timm model {name!r}")
+            raise ConfigError(f"MODEL.TIMM.NAME: unknown timm model {name!r}")
         try:
             self.model = timm.create_model(name, **kwargs)
         except IndexError as e:
-            raise ValueError(f"MODEL.TIMM.OUT_INDICES={list(out_indices)} not valid for {name}: {e}") from e
+            raise ConfigError(f"MODEL.TIMM.OUT_INDICES={list(out_indices)} not valid for {name}: {e}") from e
         info = self.model.feature_info
         self._out_features = [f"res{int(round(math.log2(r)))}" for r in info.reduction()]
         if len(set(self._out_features)) != len(self._out_features):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.TIMM.OUT_INDICES={list(out_indices)}: {name} gives several features with the same stride "
                 f"{info.reduction()}"
             )
@@ -78,7 +79,7 @@ def build_timm_backbone(cfg, input_shape: ShapeSpec):
 def _check_in_features(cfg, bottom_up):
     missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in bottom_up.output_shape()]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.FPN.IN_FEATURES: {missing} not produced by timm model {cfg.MODEL.TIMM.NAME} with "
             f"MODEL.TIMM.OUT_INDICES={list(cfg.MODEL.TIMM.OUT_INDICES)} (it gives {bottom_up._out_features})"
         )

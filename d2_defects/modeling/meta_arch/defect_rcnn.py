@@ -17,6 +17,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
+from ...utils.errors import ConfigError
 
 __all__ = ["DefectRCNN", "ImageDefectHead"]
 
@@ -78,15 +79,15 @@ class DefectRCNN(GeneralizedRCNN):
         shapes = ret["backbone"].output_shape()
         missing = [f for f in c.IN_FEATURES if f not in shapes]
         if missing or not c.IN_FEATURES:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.DEFECT_RCNN.IN_FEATURES: {missing or '[]'} not in the backbone outputs {sorted(shapes)}"
             )
         if not 0.0 <= c.SKIP_NORMAL_THRESHOLD <= 1.0:
-            raise ValueError(f"MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD must be in [0, 1], got {c.SKIP_NORMAL_THRESHOLD}")
+            raise ConfigError(f"MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD must be in [0, 1], got {c.SKIP_NORMAL_THRESHOLD}")
         if c.HIDDEN_DIM < 1:
-            raise ValueError(f"MODEL.DEFECT_RCNN.HIDDEN_DIM must be >= 1, got {c.HIDDEN_DIM}")
+            raise ConfigError(f"MODEL.DEFECT_RCNN.HIDDEN_DIM must be >= 1, got {c.HIDDEN_DIM}")
         if ret["proposal_generator"] is None:
-            raise ValueError("DefectRCNN needs a proposal generator (MODEL.PROPOSAL_GENERATOR.NAME)")
+            raise ConfigError("DefectRCNN needs a proposal generator (MODEL.PROPOSAL_GENERATOR.NAME)")
         if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
             logger.warning(
                 "DefectRCNN: DATALOADER.FILTER_EMPTY_ANNOTATIONS is True, so the image head sees no normal image "
@@ -141,7 +142,7 @@ class DefectRCNN(GeneralizedRCNN):
         tracing = torch.jit.is_tracing()
         if tracing and self.skip_normal_threshold > 0:
             # which images skip the heads depends on the data; a trace would fix the choice of the sample image
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD={self.skip_normal_threshold}: a model that skips the "
                 "heads cannot be traced; export with 0 and apply the threshold to the exported defect_score"
             )

@@ -21,6 +21,7 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from torch.nn import functional as F
 
 from ..postprocess import PostprocessParams, select_detections
+from ...utils.errors import ConfigError
 
 __all__ = ["DefectFCOS"]
 
@@ -54,9 +55,9 @@ class DefectFCOS(FCOS):
         """
         super().__init__(**kwargs)
         if box_reg_loss_type not in BOX_LOSS_TYPES:
-            raise ValueError(f"MODEL.FCOS.BOX_LOSS_TYPE must be one of {BOX_LOSS_TYPES}, got {box_reg_loss_type!r}")
+            raise ConfigError(f"MODEL.FCOS.BOX_LOSS_TYPE must be one of {BOX_LOSS_TYPES}, got {box_reg_loss_type!r}")
         if quality_branch not in QUALITY_BRANCHES:
-            raise ValueError(f"MODEL.FCOS.QUALITY_BRANCH must be one of {QUALITY_BRANCHES}, got {quality_branch!r}")
+            raise ConfigError(f"MODEL.FCOS.QUALITY_BRANCH must be one of {QUALITY_BRANCHES}, got {quality_branch!r}")
         self.box_reg_loss_type = box_reg_loss_type
         self.quality_branch = quality_branch
         if postprocess_params is None:
@@ -74,18 +75,18 @@ class DefectFCOS(FCOS):
     def from_config(cls, cfg):
         c = cfg.MODEL.FCOS
         if c.NUM_CLASSES < 1:
-            raise ValueError(f"MODEL.FCOS.NUM_CLASSES must be >= 1, got {c.NUM_CLASSES}")
+            raise ConfigError(f"MODEL.FCOS.NUM_CLASSES must be >= 1, got {c.NUM_CLASSES}")
         if c.NUM_CONVS < 0:
-            raise ValueError(f"MODEL.FCOS.NUM_CONVS must be >= 0, got {c.NUM_CONVS}")
+            raise ConfigError(f"MODEL.FCOS.NUM_CONVS must be >= 0, got {c.NUM_CONVS}")
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         missing = [f for f in c.IN_FEATURES if f not in shapes]
         if missing or not c.IN_FEATURES:
-            raise ValueError(f"MODEL.FCOS.IN_FEATURES: {missing or '[]'} not in the backbone outputs {sorted(shapes)}")
+            raise ConfigError(f"MODEL.FCOS.IN_FEATURES: {missing or '[]'} not in the backbone outputs {sorted(shapes)}")
         feature_shapes = [shapes[f] for f in c.IN_FEATURES]
         channels = {s.channels for s in feature_shapes}
         if len(channels) != 1:
-            raise ValueError(f"MODEL.FCOS.IN_FEATURES must have equal channels (an FPN), got {channels}")
+            raise ConfigError(f"MODEL.FCOS.IN_FEATURES must have equal channels (an FPN), got {channels}")
         head = FCOSHead(
             input_shape=feature_shapes,
             conv_dims=[channels.pop()] * c.NUM_CONVS,

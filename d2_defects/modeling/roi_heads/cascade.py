@@ -14,6 +14,7 @@ from ..postprocess import detection_inference
 from .iou_branch import attach_pred_ious, rescore_with_iou
 from .ohem import OHEMSamplerMixin, SAMPLERS
 from .standard import build_defect_box_predictor, check_roi_heads_config, iou_branch_stages
+from ...utils.errors import ConfigError
 
 __all__ = ["DefectCascadeROIHeads", "check_cascade_config"]
 
@@ -23,22 +24,22 @@ def check_cascade_config(cfg):
     ch = cfg.MODEL.ROI_BOX_CASCADE_HEAD
     ious, weights, stage_w = list(ch.IOUS), list(ch.BBOX_REG_WEIGHTS), list(ch.STAGE_SCORE_WEIGHTS)
     if not ious:
-        raise ValueError("MODEL.ROI_BOX_CASCADE_HEAD.IOUS must name at least one stage")
+        raise ConfigError("MODEL.ROI_BOX_CASCADE_HEAD.IOUS must name at least one stage")
     if len(weights) != len(ious):
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS has {len(weights)} entries but "
             f"MODEL.ROI_BOX_CASCADE_HEAD.IOUS has {len(ious)}: give one (wx, wy, ww, wh) per stage"
         )
     if any(len(w) != 4 for w in weights):
-        raise ValueError("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS: each stage needs 4 weights (wx, wy, ww, wh)")
+        raise ConfigError("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS: each stage needs 4 weights (wx, wy, ww, wh)")
     if ious[0] != cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[0]:
-        raise ValueError(f"MODEL.ROI_BOX_CASCADE_HEAD.IOUS[0] ({ious[0]}) must equal "
+        raise ConfigError(f"MODEL.ROI_BOX_CASCADE_HEAD.IOUS[0] ({ious[0]}) must equal "
                          f"MODEL.ROI_HEADS.IOU_THRESHOLDS[0] ({cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[0]})")
     if stage_w and (len(stage_w) != len(ious) or min(stage_w) < 0 or sum(stage_w) <= 0):
-        raise ValueError(f"MODEL.ROI_BOX_CASCADE_HEAD.STAGE_SCORE_WEIGHTS must be empty or {len(ious)} "
+        raise ConfigError(f"MODEL.ROI_BOX_CASCADE_HEAD.STAGE_SCORE_WEIGHTS must be empty or {len(ious)} "
                          f"non-negative numbers with a positive sum (one per stage), got {stage_w}")
     if not cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
-        raise ValueError("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG must be True for cascade heads")
+        raise ConfigError("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG must be True for cascade heads")
     return len(ious)
 
 
@@ -56,7 +57,7 @@ class DefectCascadeROIHeads(OHEMSamplerMixin, CascadeROIHeads):
     def __init__(self, *, stage_score_weights: List[float] = (), sampler: str = "random", **kwargs):
         super().__init__(**kwargs)
         if sampler not in SAMPLERS:
-            raise ValueError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {sampler!r}")
+            raise ConfigError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
         self.stage_score_weights = list(stage_score_weights)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..postprocess import detection_inference
 from .fast_rcnn import DefectFastRCNNOutputLayers
+from ...utils.errors import ConfigError
 
 __all__ = ["IoUFastRCNNOutputLayers", "rescore_with_iou", "IOU_LOSS_TYPES"]
 
@@ -54,7 +55,7 @@ class IoUFastRCNNOutputLayers(DefectFastRCNNOutputLayers):
                  iou_score_alpha: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         if iou_loss_type not in IOU_LOSS_TYPES:
-            raise ValueError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.LOSS_TYPE must be one of {IOU_LOSS_TYPES}, "
+            raise ConfigError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.LOSS_TYPE must be one of {IOU_LOSS_TYPES}, "
                              f"got {iou_loss_type!r}")
         self.iou_pred = nn.Linear(self.cls_score.in_features, 1)
         nn.init.normal_(self.iou_pred.weight, std=0.01)

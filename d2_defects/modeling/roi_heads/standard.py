@@ -9,6 +9,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from .fast_rcnn import DefectFastRCNNOutputLayers
 from .iou_branch import IOU_LOSS_TYPES, IoUFastRCNNOutputLayers
 from .ohem import SAMPLERS, OHEMSamplerMixin
+from ...utils.errors import ConfigError
 
 __all__ = ["DefectStandardROIHeads", "check_roi_heads_config", "build_defect_box_predictor"]
 
@@ -19,21 +20,21 @@ def check_roi_heads_config(cfg, num_stages=1):
     """Raise ``ValueError`` naming the key for a wrong value of the keys the project's ROI heads read."""
     ib = cfg.MODEL.ROI_BOX_HEAD.IOU_BRANCH
     if cfg.MODEL.ROI_HEADS.SAMPLER not in SAMPLERS:
-        raise ValueError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {cfg.MODEL.ROI_HEADS.SAMPLER!r}")
+        raise ConfigError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {cfg.MODEL.ROI_HEADS.SAMPLER!r}")
     loss_type = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE
     if loss_type not in BOX_REG_LOSS_TYPES:
-        raise ValueError(f"MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE must be one of {BOX_REG_LOSS_TYPES}, "
+        raise ConfigError(f"MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE must be one of {BOX_REG_LOSS_TYPES}, "
                          f"got {loss_type!r}")
     if ib.LOSS_TYPE not in IOU_LOSS_TYPES:
-        raise ValueError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.LOSS_TYPE must be one of {IOU_LOSS_TYPES}, "
+        raise ConfigError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.LOSS_TYPE must be one of {IOU_LOSS_TYPES}, "
                          f"got {ib.LOSS_TYPE!r}")
     if not 0.0 <= ib.SCORE_ALPHA <= 1.0:
-        raise ValueError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.SCORE_ALPHA must be in [0, 1], got {ib.SCORE_ALPHA}")
+        raise ConfigError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.SCORE_ALPHA must be in [0, 1], got {ib.SCORE_ALPHA}")
     if ib.LOSS_WEIGHT < 0:
-        raise ValueError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.LOSS_WEIGHT must be >= 0, got {ib.LOSS_WEIGHT}")
+        raise ConfigError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.LOSS_WEIGHT must be >= 0, got {ib.LOSS_WEIGHT}")
     bad = [s for s in ib.STAGES if not 0 <= s < num_stages]
     if bad:
-        raise ValueError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.STAGES: stages {bad} do not exist "
+        raise ConfigError(f"MODEL.ROI_BOX_HEAD.IOU_BRANCH.STAGES: stages {bad} do not exist "
                          f"(the head has {num_stages} stage(s), numbered from 0)")
 
 
@@ -65,7 +66,7 @@ class DefectStandardROIHeads(OHEMSamplerMixin, StandardROIHeads):
     def __init__(self, *, sampler: str = "random", **kwargs):
         super().__init__(**kwargs)
         if sampler not in SAMPLERS:
-            raise ValueError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {sampler!r}")
+            raise ConfigError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
 
     @classmethod

@@ -1,0 +1,96 @@
+"""``validate_config(cfg)``: every component's config checks, run at setup before any work starts.
+
+Without it some keys are read only when their component is first used: ``TEST.DEFECT_EVAL.*`` after the
+whole training run, ``TEST.AUG.*`` only by ``--eval-only``, the class count at the first loss. Each check
+raises :class:`~d2_defects.utils.errors.ConfigError` (or ``DatasetError``) naming the key and the fix.
+Model keys are checked when the model is built, seconds after setup, by the model's own constructors.
+"""
+import logging
+
+from detectron2.data import MetadataCatalog
+
+from ..utils.errors import ConfigError
+
+__all__ = ["validate_config", "num_classes_key", "check_num_classes"]
+
+logger = logging.getLogger("d2_defects")
+
+
+def num_classes_key(cfg):
+    """``(key, value)`` of the config key that sets the model's number of classes for its meta-architecture."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if "FCOS" in arch:
+        return "MODEL.FCOS.NUM_CLASSES", int(cfg.MODEL.FCOS.NUM_CLASSES)
+    if arch == "RetinaNet":
+        return "MODEL.RETINANET.NUM_CLASSES", int(cfg.MODEL.RETINANET.NUM_CLASSES)
+    return "MODEL.ROI_HEADS.NUM_CLASSES", int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+
+def check_num_classes(cfg, dataset_names=None):
+    """
+    Raise a :class:`ConfigError` when the model's class count (``num_classes_key``) differs from the number
+    of classes (``thing_classes``) of a dataset in ``DATASETS.TRAIN`` / ``DATASETS.TEST``. Datasets without
+    class names in their metadata are not checked.
+    """
+    key, k = num_classes_key(cfg)
+    names = list(dataset_names) if dataset_names is not None else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    for name in names:
+        classes = getattr(MetadataCatalog.get(name), "thing_classes", None)
+        if classes is None or len(classes) == k:
+            continue
+        shown = ", ".join(map(str, classes[:12])) + (", ..." if len(classes) > 12 else "")
+        raise ConfigError(
+            f"{key} is {k} but dataset '{name}' has {len(classes)} classes ({shown}); set {key} {len(classes)} "
+            f"(in the config file or on the command line)"
+        )
+
+
+def validate_config(cfg):
+    """
+    Run every component's config checks against ``cfg`` (datasets must be registered already):
+
+    - ``DATASETS.VALIDATION``, the ``INPUT.*`` augmentation keys and ``INPUT.HIGH_BIT_DEPTH.WINDOW``;
+    - the model's class count against the classes of every ``DATASETS.TRAIN`` / ``TEST`` dataset;
+    - ``INPUT.COPY_PASTE.CLASSES`` against the training classes;
+    - ``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS`` / ``MODEL.SOFT_NMS.*`` values;
+    - ``MODEL.FREEZE.SCHEME``;
+    - ``SOLVER.SWA.*`` (when enabled);
+    - ``TEST.AUG.*`` (when ``TEST.AUG.ENABLED``);
+    - ``TEST.DEFECT_EVAL.*`` (when enabled), including the class weights against every test dataset.
+    """
+    from ..data.augment import check_augmentation_config
+    from ..data.coco import VALIDATION_MODES
+    from ..data.mapper import high_bit_window
+    from ..evaluation.scoring import defect_eval_settings
+    from ..modeling.freeze import FREEZE_SCHEMES
+    from ..modeling.postprocess import PostprocessParams
+    from ..modeling.tta import tta_options
+    from .swa import validate_swa_config
+
+    if cfg.DATASETS.VALIDATION not in VALIDATION_MODES:
+        raise ConfigError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {cfg.DATASETS.VALIDATION!r}")
+    check_augmentation_config(cfg)
+    high_bit_window(cfg)
+    check_num_classes(cfg)
+    _, k = num_classes_key(cfg)
+    cp = cfg.INPUT.COPY_PASTE
+    if cp.ENABLED and cp.CLASSES and cfg.DATASETS.TRAIN:
+        classes = getattr(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]), "thing_classes", None)
+        unknown = [c for c in cp.CLASSES if classes is not None and c not in classes]
+        if unknown:
+            raise ConfigError(f"INPUT.COPY_PASTE.CLASSES: unknown class(es) {unknown}; known: {classes}")
+    PostprocessParams.from_config(cfg, num_classes=k)
+    if cfg.MODEL.FREEZE.SCHEME not in FREEZE_SCHEMES:
+        raise ConfigError(f"MODEL.FREEZE.SCHEME must be one of {FREEZE_SCHEMES}, got {cfg.MODEL.FREEZE.SCHEME!r}")
+    validate_swa_config(cfg)
+    if cfg.TEST.AUG.ENABLED:
+        tta_options(cfg)
+    if cfg.TEST.DEFECT_EVAL.ENABLED:
+        settings = defect_eval_settings(cfg)
+        for name in cfg.DATASETS.TEST:
+            meta = MetadataCatalog.get(name)
+            classes = getattr(meta, "thing_classes", None)
+            if classes is not None:
+                settings.weights_for(name, len(classes), getattr(meta, "thing_class_weights", None))
+    logger.info("Config checked (validate_config): datasets, classes, augmentation, postprocessing, freezing, "
+                "SWA, test-time augmentation and evaluation keys")

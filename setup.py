@@ -22,4 +22,8 @@ setup(
         "pyyaml",
         "submitit",
     ],
+    extras_require={
+        # ONNX / OpenVINO export and their runtimes (bootstrap.sh installs them from requirements.txt)
+        "deploy": ["onnx", "onnxruntime", "openvino"],
+    },
 )

@@ -392,7 +392,7 @@ def test_ensemble_tool_prints_the_defect_evaluator_metrics(synthetic_root, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------------
-# tools: predict, export, benchmark, train_net --eval-only with TTA
+# tools: predict, benchmark, train_net --eval-only with TTA
 
 
 def test_draw_boxes_large_image_is_drawn_at_1600px():
@@ -507,61 +507,7 @@ def test_predict_folder_with_corrupt_files(synthetic_root, checkpoint, models, v
     assert len(json.loads((out / "images.json").read_text())["images"]) == 4
 
 
-EXPORT_CONFIGS = {name: os.path.join(ROOT, "configs", "synthetic", f"{name}_r18_cpu.yaml")
-                  for name in ("cascade", "fcos", "defect_rcnn")}
-
-
-@pytest.mark.parametrize("name", sorted(EXPORT_CONFIGS))
-def test_export_torchscript_parity_and_overwrite(name, tmp_path, capsys):
-    """Cascade R-CNN, DefectFCOS and DefectRCNN (with its image-level defect_score) export by tracing."""
-    cfg = load_config(EXPORT_CONFIGS[name], TINY_OPTS)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    checkpoint = tmp_path / "model_random.pth"
-    DefectCheckpointer(model, save_dir=str(tmp_path)).save("model_random")
-    out = tmp_path / "export"
-    args = ["--config-file", EXPORT_CONFIGS[name], "--output", out, "--num-samples", "2", *TINY_OPTS,
-            "MODEL.WEIGHTS", checkpoint]
-    export = _tool("export_model")
-    assert export.main([str(a) for a in args]) == 0, capsys.readouterr().err[-3000:]
-    assert "parity with the eager model on 2 images" in capsys.readouterr().out
-    traced = torch.jit.load(str(out / "model.ts"))
-    # the exported file on its own (no Python model code) gives the eager model's outputs on a new size
-    image = torch.randint(0, 256, (3, 96, 144), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), torch.jit.optimized_execution(False):
-        eager = model([{"image": image}])[0]
-        flat = traced(image)
-    boxes, classes, scores = flat[:3]
-    inst = eager["instances"]
-    assert len(inst) == len(boxes) > 0
-    assert torch.equal(inst.pred_classes, classes)
-    torch.testing.assert_close(inst.pred_boxes.tensor, boxes, atol=1e-3, rtol=0)
-    torch.testing.assert_close(inst.scores, scores, atol=1e-5, rtol=0)
-    if name == "defect_rcnn":  # the last output is the image-level score, computed by the exported graph
-        assert flat[-1].shape == () and float(flat[-1]) == pytest.approx(eager["defect_score"], abs=1e-6)
-        with torch.no_grad(), torch.jit.optimized_execution(False):
-            other = model([{"image": torch.zeros_like(image)}])[0]["defect_score"]
-            assert float(traced(torch.zeros_like(image))[-1]) == pytest.approx(other, abs=1e-6) != eager["defect_score"]
-    assert export.main([str(a) for a in args]) == 2
-    assert "exists (use --overwrite" in capsys.readouterr().err
-
-
-def test_export_tracing_failure_is_one_error_line(tmp_path, capsys):
-    """DefectRCNN that skips the heads below a threshold cannot be traced (data-dependent): one ERROR line."""
-    cfg = load_config(EXPORT_CONFIGS["defect_rcnn"], TINY_OPTS)
-    torch.manual_seed(0)
-    DefectCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model_random")
-    # drop what the set-up printed: a logger handler left by an earlier in-process test may still point at
-    # that test's closed capture stream and print a "Logging error" traceback; only the tool's output counts
-    capsys.readouterr()
-    args = ["--config-file", EXPORT_CONFIGS["defect_rcnn"], "--output", tmp_path / "export", *TINY_OPTS,
-            "MODEL.WEIGHTS", tmp_path / "model_random.pth", "MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD", "0.2"]
-    assert _tool("export_model").main([str(a) for a in args]) == 2
-    err = capsys.readouterr().err
-    errors = [l for l in err.splitlines() if l.startswith("ERROR:")]
-    assert len(errors) == 1 and "cannot trace DefectRCNN" in errors[0]
-    assert "MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD" in errors[0] and "Traceback" not in err
-    assert not (tmp_path / "export" / "model.ts").exists()
+# export tests: tests/test_export.py
 
 
 def test_eval_only_with_tta(synthetic_root, checkpoint, tmp_path):

@@ -1,80 +1,403 @@
-"""TorchScript (and ONNX) export of the project's detectors by tracing, with a parity check."""
+"""Export of the project's detectors to TorchScript, ONNX and OpenVINO, and the parity check against eager.
+
+Every format is the same traced graph: one CHW image tensor (uint8, ``INPUT.FORMAT``, already resized to the
+test size) in; out: ``boxes`` (N, 4) XYXY px, ``classes`` (N,), ``scores`` (N,), then the model's image-level
+outputs (DefectRCNN: ``defect_score``, 0-dim). The graph stops before the final NMS: it returns every
+candidate above the score thresholds, and ``postprocess.py`` (a numpy-only copy of
+:mod:`d2_defects.inference.deploy_postprocess`) with ``postprocess.json`` (the config's thresholds, NMS /
+soft-NMS settings and top-k), written next to the model file, makes the final detections. Soft-NMS is a
+sequential algorithm with data-dependent loops that no tracer records, so it cannot be inside the graph; hard
+NMS runs in the same step so that all settings and formats share one path (and thresholds can be raised
+without re-exporting).
+
+The exporter is ``torch.jit.trace`` / the TorchScript-based ``torch.onnx.export(..., dynamo=False)``:
+``torch.export`` (and so the dynamo-based ONNX exporter) stops at data-dependent branches inside Detectron2
+(``if not valid_mask.all()`` in ``find_top_rpn_proposals``, ``numel() == 0`` checks in FCOS decoding), which a
+plugin cannot change. OpenVINO models are converted from the ONNX graph (``openvino.convert_model``).
+"""
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import uuid
 import warnings
 
+import numpy as np
 import torch
-from detectron2.export import TracingAdapter
+from detectron2.modeling import GeneralizedRCNN
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, Instances
+from torch import nn
 
-__all__ = ["trace_model", "run_exported", "compare_instances", "export_onnx"]
+from ..modeling.postprocess import PostprocessParams
+
+__all__ = [
+    "FORMATS", "MODEL_FILES", "ExportError", "export_model", "load_exported", "ExportedModel",
+    "compare_detections", "check_parity", "deferred_postprocess", "load_samples", "output_files",
+]
+
+FORMATS = ("torchscript", "onnx", "openvino")
+MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "openvino": "model.xml"}
+POSTPROCESS_FILES = ("postprocess.py", "postprocess.json")
+ONNX_OPSET = 17
+_PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
 
 
-def _inference(model, batched_inputs):
+class ExportError(RuntimeError):
+    """A model or setting that cannot be exported, a missing runtime package, or a failed parity check; the
+    message is one line naming the reason."""
+
+
+def output_files(output_dir, fmt):
+    """Paths that :func:`export_model` writes for ``fmt`` (OpenVINO: ``model.xml`` and its ``model.bin``)."""
+    files = [MODEL_FILES[fmt]] + (["model.bin"] if fmt == "openvino" else []) + list(POSTPROCESS_FILES)
+    return [os.path.join(output_dir, f) for f in files]
+
+
+@contextlib.contextmanager
+def deferred_postprocess(model):
     """
-    One image through ``model``; returns ``(instances, {name: image-level output})``, so that the flat
-    outputs start with the boxes, classes and scores, followed by image-level outputs such as DefectRCNN's
-    ``defect_score`` (a 0-dim tensor while tracing).
+    Within the block, the project's postprocessing in ``model`` (every :class:`PostprocessParams` held by its
+    modules: box predictors, DefectFCOS) returns all candidates above the score thresholds, without NMS and
+    top-k. Yields the original params (one per holder; empty for a model with Detectron2's stock heads).
     """
-    out = model(batched_inputs)[0]
-    return out["instances"], {k: v for k, v in out.items() if k != "instances"}
+    swapped = []
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, PostprocessParams):
+                swapped.append((m, k, v))
+    try:
+        for m, k, v in swapped:
+            setattr(m, k, dataclasses.replace(v, defer_nms=True))
+        yield [v for _, _, v in swapped]
+    finally:
+        for m, k, v in swapped:
+            setattr(m, k, v)
 
 
-def trace_model(model, image):
+class _FlatDetector(nn.Module):
     """
-    Trace ``model`` (any detector with the standard ``model(list[dict]) -> [{"instances", ...}]`` inference
-    interface) with Detectron2's ``TracingAdapter``: the traced module takes one CHW image tensor (model
-    input format, already resized) and returns a tuple of tensors: boxes (R, 4), classes (R,), scores (R,),
-    the image size, then the model's image-level outputs (DefectRCNN: ``defect_score``, a 0-dim tensor).
+    ``model``'s inference on one image tensor without Detectron2's ``detector_postprocess`` (clip to the
+    output size, drop empty boxes: ``postprocess.py`` does it after the top-k cut, as the eager model does),
+    with flat tensor outputs: boxes, classes, scores, then the image-level outputs (DefectRCNN:
+    ``defect_score``). The steps are those of ``GeneralizedRCNN.inference`` and ``DenseDetector.forward``
+    (detectron2 a59f056), restated because their postprocessing cannot be switched off with image-level
+    outputs kept.
+    """
 
+    def __init__(self, model):
+        super().__init__()
+        if getattr(model, "skip_normal_threshold", 0) > 0:
+            # which images skip the heads depends on the data; a trace would fix the sample image's choice
+            raise ExportError(
+                f"cannot trace {type(model).__name__}: MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD="
+                f"{model.skip_normal_threshold} skips the heads per image (data-dependent); export with 0 and "
+                "apply the threshold to the exported defect_score"
+            )
+        if not isinstance(model, (GeneralizedRCNN, DenseDetector)):
+            raise ExportError(f"cannot export {type(model).__name__}: only GeneralizedRCNN and DenseDetector "
+                              "subclasses (R-CNN, DefectRCNN, DefectFCOS, RetinaNet) are supported")
+        self.model = model
+        self.extra_names = ["defect_score"] if hasattr(model, "image_logits") else []
+
+    def forward(self, image):
+        m = self.model
+        images = m.preprocess_image([{"image": image}])
+        features = m.backbone(images.tensor)
+        extras = ()
+        if isinstance(m, GeneralizedRCNN):
+            proposals, _ = m.proposal_generator(images, features, None)
+            results, _ = m.roi_heads(images, features, proposals, None)
+            if self.extra_names:
+                extras = (m.image_logits(features).sigmoid()[0],)
+        else:
+            features = [features[f] for f in m.head_in_features]
+            results = m.forward_inference(images, features, m.head(features))
+        inst = results[0]
+        return (inst.pred_boxes.tensor, inst.pred_classes, inst.scores) + extras
+
+
+def _first_line(e):
+    return next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+
+
+def _require(fmt):
+    for pkg in _PACKAGES.get(fmt, ()):
+        if importlib.util.find_spec(pkg) is None:
+            raise ExportError(f"--format {fmt} needs the {pkg} package (pinned in requirements.txt; "
+                              f"bash bootstrap.sh installs it)")
+
+
+def _postprocess_params(params_list):
+    if not params_list:
+        return None  # Detectron2's stock heads: their NMS is inside the graph
+    params = [dataclasses.asdict(p) for p in params_list]
+    if any(p != params[0] for p in params[1:]):
+        raise ExportError("the model's heads postprocess with different settings; export needs one setting")
+    params[0].pop("defer_nms")
+    return params[0]
+
+
+def export_model(model, image, output_dir, fmt, meta=None):
+    """
+    Trace ``model`` (eval mode, the standard ``model(list[dict]) -> [{"instances", ...}]`` interface) on
+    ``image`` and write ``fmt``'s model file, ``postprocess.py`` and ``postprocess.json`` into ``output_dir``.
+
+    Args:
+        image (Tensor): (3, H, W) uint8 model input (``INPUT.FORMAT``, resized to the test size).
+        fmt (str): one of :data:`FORMATS`.
+        meta (dict): extra entries for ``postprocess.json`` (e.g. the input format and test size).
     Returns:
-        (torch.jit.ScriptModule, TracingAdapter): the adapter's ``outputs_schema`` turns the traced outputs
-        back into ``(Instances, {name: tensor})`` (see :func:`run_exported`).
+        list[str]: the written files (model file first).
     Raises:
-        ValueError, RuntimeError: when the model cannot be traced.
+        ExportError: when the model cannot be traced or converted, or a runtime package is missing.
     """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}, expected one of {FORMATS}")
+    _require(fmt)
     model.eval()
-    adapter = TracingAdapter(model, [{"image": image}], inference_func=_inference)
-    with torch.no_grad(), warnings.catch_warnings():
-        # the tracer warns about every Python-level shape check in Detectron2; the parity check is what counts
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(adapter, (image,), check_trace=False)
-    return traced, adapter
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, MODEL_FILES[fmt])
+    with deferred_postprocess(model) as params_list, torch.no_grad():
+        params = _postprocess_params(params_list)
+        flat = _FlatDetector(model).eval()
+        try:
+            with warnings.catch_warnings():
+                # the tracer warns about every Python-level shape check in Detectron2; the parity check counts
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(flat, (image,), check_trace=False)
+        except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+            raise ExportError(f"cannot trace {type(model).__name__}: {_first_line(e)}") from None
+        names = ["boxes", "classes", "scores"] + flat.extra_names
+        if fmt == "torchscript":
+            traced.save(path)
+        elif fmt == "onnx":
+            _export_onnx(flat, image, path, names)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx_path = os.path.join(tmp, "model.onnx")
+                _export_onnx(flat, image, onnx_path, names)
+                _convert_openvino(onnx_path, path)
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), "deploy_postprocess.py"),
+                    os.path.join(output_dir, "postprocess.py"))
+    info = dict(meta or {}, format=fmt, model_file=MODEL_FILES[fmt], outputs=names, postprocess=params)
+    with open(os.path.join(output_dir, "postprocess.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return output_files(output_dir, fmt)
 
 
-def run_exported(exported, adapter, image):
+def _export_onnx(flat, image, path, names):
+    dynamic = {"image": {1: "height", 2: "width"}}
+    dynamic.update({n: {0: "num_candidates"} for n in names[:3]})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(flat, (image,), path, opset_version=ONNX_OPSET, dynamo=False, input_names=["image"],
+                              output_names=names, dynamic_axes=dynamic)
+    except (RuntimeError, ValueError, TypeError, AssertionError, torch.onnx.errors.OnnxExporterError) as e:
+        raise ExportError(f"cannot export {type(flat.model).__name__} to ONNX: {_first_line(e)}") from None
+
+
+def _convert_openvino(onnx_path, xml_path):
+    import openvino as ov
+
+    try:
+        ov_model = ov.convert_model(onnx_path)
+    except Exception as e:  # OpenVINO raises its own exception types (OpConversionFailure, ...)
+        raise ExportError(f"cannot convert the ONNX graph to OpenVINO: {_first_line(e)}") from None
+    # fp32 weights: fp16 compression would break parity with the eager model
+    ov.save_model(ov_model, xml_path, compress_to_fp16=False)
+
+
+def load_samples(cfg, spec=None, n=3):
     """
-    Run a traced/loaded module on one image; returns the eager model's output format for that image:
-    ``{"instances": Instances, <image-level outputs as floats, e.g. "defect_score">}``.
+    Model inputs for tracing and the parity check: (3, H, W) uint8 tensors resized like at test time, from
+    the image files of ``spec`` (folder or glob; unreadable files are skipped) or, without ``spec``, ``n``
+    random images of three aspect ratios.
+
+    Raises:
+        ExportError: when ``spec`` holds no readable image.
     """
-    # without optimized execution, the first calls do not spend seconds on profiling and fusion
-    with torch.no_grad(), torch.jit.optimized_execution(False):
-        instances, extras = adapter.outputs_schema(exported(image))
-    return dict(instances=instances, **{k: float(v) for k, v in extras.items()})
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    from .predictor import ImageReadError, list_images, read_image
+
+    if spec:
+        images = []
+        for f in list_images(spec):
+            try:
+                images.append(read_image(f, cfg.INPUT.FORMAT))
+            except ImageReadError:
+                continue
+            if len(images) == n:
+                break
+    else:
+        rng = np.random.default_rng(0)
+        s = cfg.INPUT.MIN_SIZE_TEST
+        images = [rng.integers(0, 256, (s, int(s * r), 3), dtype=np.uint8) for r in (4 / 3, 1.0, 1.5)[:n]]
+    if not images:
+        raise ExportError(f"no readable sample images in {spec}")
+    resize = ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    return [torch.as_tensor(np.ascontiguousarray(resize.get_transform(i).apply_image(i).transpose(2, 0, 1)))
+            for i in images]
 
 
-def compare_instances(a, b):
+# ---------------------------------------------------------------------------------------------------------
+# running an export
+
+
+def _load_module(path):
+    spec = importlib.util.spec_from_file_location(f"_d2_defects_postprocess_{uuid.uuid4().hex}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class ExportedModel:
     """
-    Differences between two detection sets of one image.
+    An exported model in its runtime (TorchScript, ONNX Runtime or OpenVINO on CPU) plus the
+    ``postprocess.py`` / ``postprocess.json`` shipped next to it: what a deployment runs.
+
+    ``model(image)`` takes a (3, H, W) uint8 tensor or array (model input) and returns the eager model's
+    output format: ``{"instances": Instances, <image-level outputs as floats, e.g. "defect_score">}``.
+    """
+
+    def __init__(self, output_dir, fmt, threads=None):
+        if fmt not in FORMATS:
+            raise ExportError(f"unknown format {fmt!r}, expected one of {FORMATS}")
+        missing = [p for p in output_files(output_dir, fmt) if not os.path.isfile(p)]
+        if missing:
+            raise ExportError(f"{missing[0]} not found: export the model first (tools/export_model.py --format {fmt})")
+        _require(fmt)
+        with open(os.path.join(output_dir, "postprocess.json")) as f:
+            self.info = json.load(f)
+        self.fmt = fmt
+        self.path = os.path.join(output_dir, MODEL_FILES[fmt])
+        self.postprocess = _load_module(os.path.join(output_dir, "postprocess.py"))
+        self.outputs = self.info["outputs"]
+        if fmt == "torchscript":
+            self._module = torch.jit.load(self.path)
+        elif fmt == "onnx":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        else:
+            import openvino as ov
+
+            config = {"INFERENCE_PRECISION_HINT": "f32"}  # no bf16 on CPUs that have it: parity
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            self._compiled = ov.Core().compile_model(self.path, "CPU", config)
+
+    def file_size(self):
+        """Bytes of the model file(s) (OpenVINO: .xml + .bin)."""
+        files = output_files(os.path.dirname(self.path), self.fmt)[: 2 if self.fmt == "openvino" else 1]
+        return sum(os.path.getsize(f) for f in files)
+
+    def raw(self, image):
+        """The graph's outputs (numpy arrays, in the order of ``postprocess.json``'s ``outputs``)."""
+        if self.fmt == "torchscript":
+            with torch.no_grad(), torch.jit.optimized_execution(False):
+                return [o.numpy() for o in self._module(torch.as_tensor(image))]
+        array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if self.fmt == "onnx":
+            return self._session.run(None, {"image": array})
+        result = self._compiled([array])
+        return [result[o] for o in self._compiled.outputs]
+
+    def __call__(self, image):
+        outs = self.raw(image)
+        boxes, classes, scores = outs[:3]
+        params = self.info["postprocess"]
+        h, w = (int(v) for v in image.shape[-2:])
+        boxes, scores, classes = self.postprocess.postprocess(boxes, scores, classes, params, (h, w))
+        inst = Instances((h, w), pred_boxes=Boxes(torch.as_tensor(np.ascontiguousarray(boxes))),
+                         scores=torch.as_tensor(np.ascontiguousarray(scores)),
+                         pred_classes=torch.as_tensor(np.ascontiguousarray(classes)).long())
+        return dict(instances=inst, **{k: float(v) for k, v in zip(self.outputs[3:], outs[3:])})
+
+
+def load_exported(output_dir, fmt, threads=None):
+    """:class:`ExportedModel` of ``output_dir`` (written by :func:`export_model`)."""
+    return ExportedModel(output_dir, fmt, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parity
+
+
+def compare_detections(a, b, atol=1e-3, score_atol=1e-4):
+    """
+    Match two detection sets of one image: each detection of ``a`` pairs with an unused one of ``b`` of the
+    same class whose boxes differ by at most ``atol`` px (every coordinate) and scores by at most
+    ``score_atol`` (order-free: exported runtimes may order equal scores differently).
 
     Returns:
-        dict: ``num`` (counts equal), ``classes`` (classes equal), ``max_box_diff`` (px), ``max_score_diff``.
+        dict: ``ok`` (same number, all matched), ``num`` (len(a), len(b)), ``unmatched`` (count),
+        ``max_box_diff`` (px), ``max_score_diff`` (over matched pairs; inf when none matched but some exist).
     """
-    out = {"num": len(a) == len(b), "classes": False, "max_box_diff": float("inf"), "max_score_diff": float("inf")}
-    if len(a) != len(b):
+    na, nb = len(a), len(b)
+    out = dict(ok=na == nb, num=(na, nb), unmatched=0, max_box_diff=0.0, max_score_diff=0.0)
+    if na == 0 or nb == 0:
+        out["unmatched"] = max(na, nb)
+        if na or nb:
+            out.update(ok=False, max_box_diff=float("inf"), max_score_diff=float("inf"))
         return out
-    if len(a) == 0:
-        return {"num": True, "classes": True, "max_box_diff": 0.0, "max_score_diff": 0.0}
-    out["classes"] = bool((a.pred_classes == b.pred_classes).all())
-    out["max_box_diff"] = float((a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max())
-    out["max_score_diff"] = float((a.scores - b.scores).abs().max())
+    ba, bb = a.pred_boxes.tensor.double().numpy(), b.pred_boxes.tensor.double().numpy()
+    sa, sb = a.scores.double().numpy(), b.scores.double().numpy()
+    box = np.abs(ba[:, None, :] - bb[None, :, :]).max(axis=2)  # (na, nb)
+    score = np.abs(sa[:, None] - sb[None, :])
+    cost = np.where(a.pred_classes.numpy()[:, None] == b.pred_classes.numpy()[None, :],
+                    box / max(atol, 1e-12) + score / max(score_atol, 1e-12), np.inf)
+    used = np.zeros(nb, dtype=bool)
+    worst_box = worst_score = 0.0
+    for i in np.argsort(-sa, kind="stable"):
+        c = np.where(used, np.inf, cost[i])
+        j = int(np.argmin(c))
+        if not np.isfinite(c[j]) or box[i, j] > atol or score[i, j] > score_atol:
+            out["unmatched"] += 1
+            continue
+        used[j] = True
+        worst_box, worst_score = max(worst_box, box[i, j]), max(worst_score, score[i, j])
+    out.update(ok=out["ok"] and out["unmatched"] == 0, max_box_diff=float(worst_box),
+               max_score_diff=float(worst_score))
     return out
 
 
-def export_onnx(adapter, image, path, opset=17):
+def check_parity(model, exported, images, atol=1e-3, score_atol=1e-4):
     """
-    Export the adapter to ONNX through the TorchScript-based exporter (``dynamo=False``). Needs the
-    ``onnx`` package; raises ``ImportError`` without it and ``RuntimeError`` for unsupported operators.
-    """
-    import onnx  # noqa: F401  the exporter needs it; fail early with a clear message
+    Run the eager ``model`` and ``exported`` (an :class:`ExportedModel` or any callable with its output
+    format) on ``images`` ((3, H, W) uint8 tensors) and compare detections and image-level outputs.
 
-    with torch.no_grad():
-        torch.onnx.export(adapter, (image,), path, opset_version=opset, dynamo=False)
-    return path
+    Returns:
+        dict: ``max_box_diff``, ``max_score_diff`` over all images (image-level outputs count as scores),
+        ``num_detections`` (eager, per image).
+    Raises:
+        ExportError: naming the first image that differs beyond ``atol`` px / ``score_atol``.
+    """
+    worst = dict(max_box_diff=0.0, max_score_diff=0.0, num_detections=[])
+    model.eval()
+    for i, image in enumerate(images):
+        with torch.no_grad():
+            eager = model([{"image": image}])[0]
+        got = exported(image)
+        diff = compare_detections(eager["instances"], got["instances"], atol, score_atol)
+        extra = {k: abs(float(eager[k]) - got.get(k, float("inf"))) for k in eager if k != "instances"}
+        if not diff["ok"] or any(not v <= score_atol for v in extra.values()):
+            detail = ", ".join(f"{k} differs by {v:.2e}" for k, v in extra.items() if not v <= score_atol)
+            if not diff["ok"]:
+                detail = (f"{diff['num'][0]} eager vs {diff['num'][1]} exported detections, {diff['unmatched']} "
+                          f"without a match within {atol} px / score {score_atol}" + (f"; {detail}" if detail else ""))
+            raise ExportError(f"exported model differs from the eager model on sample {i} "
+                              f"(shape {tuple(image.shape)}): {detail}")
+        worst["max_box_diff"] = max(worst["max_box_diff"], diff["max_box_diff"])
+        worst["max_score_diff"] = max(worst["max_score_diff"], diff["max_score_diff"], *extra.values())
+        worst["num_detections"].append(len(eager["instances"]))
+    return worst

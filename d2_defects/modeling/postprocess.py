@@ -33,6 +33,9 @@ class PostprocessParams:
     soft_nms_sigma: float = 0.5  # gaussian parameter
     soft_nms_iou_thresh: float = 0.5  # IoU above which "linear" decays / "hard" suppresses
     soft_nms_score_thresh: float = 0.001  # decayed scores below are dropped
+    # export only: return every candidate above the score thresholds; NMS / soft-NMS and top-k then run after
+    # the exported graph (d2_defects/inference/deploy_postprocess.py)
+    defer_nms: bool = False
 
     @classmethod
     def from_config(cls, cfg, num_classes: Optional[int] = None):

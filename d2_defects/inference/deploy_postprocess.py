@@ -1,0 +1,161 @@
+"""Post-processing of an exported d2_defects detector; copied next to the model file as ``postprocess.py``.
+
+The exported graph (``model.ts`` / ``model.onnx`` / ``model.xml``) returns every candidate detection above the
+score thresholds of the config (boxes (N, 4) XYXY in input-image pixels, classes (N,), scores (N,)); NMS or
+soft-NMS and the top-k cut run here, with numpy only, so that a line PC needs no PyTorch:
+
+    import json
+    import postprocess  # this file
+
+    params = json.load(open("postprocess.json"))
+    boxes, scores, classes = postprocess.postprocess(boxes, scores, classes, params["postprocess"],
+                                                     input_size=image.shape[-2:])
+
+Steps (the same as ``d2_defects.modeling.postprocess.select_detections``): drop candidates below
+``score_thresh_per_class[class]`` (or ``score_thresh``); per class, hard NMS at ``nms_thresh`` or, with
+``soft_nms``, soft-NMS (``soft_nms_method`` "linear" / "gaussian" / "hard"); sort by score (equal scores:
+lower candidate index first); keep the first ``topk_per_image`` (< 0: all). IoU is computed in float64 without
+the "+1" convention, like ``torchvision.ops.box_iou``. Raising a threshold in ``postprocess.json`` needs no
+re-export; lowering it below the exported value has no effect (those candidates are not in the graph's output).
+Last, as Detectron2's ``detector_postprocess``: boxes scaled to the output size, clipped, empty ones dropped.
+Only numpy is imported.
+"""
+import math
+
+import numpy as np
+
+__all__ = ["postprocess", "nms", "soft_nms"]
+
+_SOFT_NMS_METHODS = ("linear", "gaussian", "hard")
+
+
+def _iou(box, area, boxes, areas):
+    """IoU of one box (4,) with boxes (M, 4), float64."""
+    w = np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0])
+    h = np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1])
+    inter = np.maximum(w, 0.0) * np.maximum(h, 0.0)
+    union = areas + area - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _areas(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _by_score(idx, scores):
+    """``idx`` sorted by score (descending), equal scores by index (ascending)."""
+    return idx[np.lexsort((idx, -scores[idx]))]
+
+
+def nms(boxes, scores, classes, iou_thresh):
+    """
+    Greedy NMS per class (boxes of different classes never suppress each other).
+
+    Args:
+        boxes (ndarray): (N, 4) XYXY. scores (ndarray): (N,). classes (ndarray): (N,) integer ids.
+        iou_thresh (float): a box is suppressed by a kept box of its class with IoU above it.
+    Returns:
+        keep (ndarray): (M,) int64 indices, by score (descending; equal scores: lower index first).
+    """
+    boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores, np.float64)
+    keep = []
+    for c in np.unique(classes):
+        idx = _by_score(np.flatnonzero(classes == c), scores)
+        b = boxes[idx]
+        a = _areas(b)
+        alive = np.ones(len(idx), dtype=bool)
+        for i in range(len(idx)):
+            if not alive[i]:
+                continue
+            keep.append(idx[i])
+            rest = np.flatnonzero(alive[i + 1:]) + i + 1
+            if len(rest):
+                alive[rest[_iou(b[i], a[i], b[rest], a[rest]) > iou_thresh]] = False
+    return _by_score(np.asarray(keep, dtype=np.int64), scores)
+
+
+def soft_nms(boxes, scores, classes, method="linear", sigma=0.5, iou_thresh=0.5, score_thresh=0.001):
+    """
+    Soft-NMS per class, sequential, in float64: the live box with the highest score (equal: lowest index) is
+    kept and decays the other live boxes of its class ("linear": by ``1 - IoU`` where IoU > ``iou_thresh``;
+    "gaussian": by ``exp(-IoU^2 / sigma)``; "hard": removes them where IoU > ``iou_thresh``); boxes whose
+    score falls below ``score_thresh`` are dropped.
+
+    Returns:
+        keep (ndarray): (M,) int64 indices; new_scores (ndarray): (M,) float64 decayed scores; both by
+        decayed score (descending; equal scores: lower index first).
+    """
+    if method not in _SOFT_NMS_METHODS:
+        raise ValueError(f"soft_nms: unknown method {method!r}, expected one of {_SOFT_NMS_METHODS}")
+    boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores, np.float64)
+    keep, final = [], []
+    for c in np.unique(classes):
+        ids = np.flatnonzero((classes == c) & (scores >= score_thresh))
+        b, s = boxes[ids], scores[ids].copy()
+        a = _areas(b)
+        while len(ids):
+            top = np.flatnonzero(s == s.max())
+            i = top[np.argmin(ids[top])]
+            keep.append(ids[i])
+            final.append(s[i])
+            rest = np.arange(len(ids)) != i
+            ids, b, s, a, box, area = ids[rest], b[rest], s[rest], a[rest], b[i], a[i]
+            iou = _iou(box, area, b, a)
+            if method == "linear":
+                s = s * np.where(iou > iou_thresh, 1.0 - iou, 1.0)
+            elif method == "gaussian":
+                s = s * np.where(iou > 0, np.exp(-(iou * iou) / sigma), 1.0)
+            else:
+                s = np.where(iou > iou_thresh, -math.inf, s)
+            alive = s >= score_thresh
+            ids, b, s, a = ids[alive], b[alive], s[alive], a[alive]
+    keep, final = np.asarray(keep, dtype=np.int64), np.asarray(final, dtype=np.float64)
+    order = np.lexsort((keep, -final))
+    return keep[order], final[order]
+
+
+def postprocess(boxes, scores, classes, params, input_size, output_size=None):
+    """
+    Final detections of one image from the exported graph's candidates.
+
+    Args:
+        boxes (ndarray): (N, 4) float XYXY in input pixels. scores (ndarray): (N,) float. classes: (N,) int.
+        params (dict or None): ``postprocess.json``'s ``"postprocess"`` entry (keys of
+            ``d2_defects.modeling.postprocess.PostprocessParams``); None: the graph did its own NMS (models
+            with Detectron2's stock heads), only the last step below runs.
+        input_size (tuple): (height, width) of the image given to the graph.
+        output_size (tuple): (height, width) to report boxes in, e.g. the original image's before the test
+            resize (default: ``input_size``).
+    Returns:
+        boxes (M, 4), scores (M,), classes (M,): by score (descending); boxes scaled to ``output_size``,
+        clipped to it, empty ones dropped (as Detectron2's ``detector_postprocess``).
+    """
+    boxes, scores, classes = np.asarray(boxes), np.asarray(scores), np.asarray(classes).astype(np.int64)
+    if params is not None:
+        per_class = params.get("score_thresh_per_class")
+        if per_class:
+            thresh = np.asarray(per_class, dtype=scores.dtype)[classes]
+        else:
+            thresh = np.asarray(params["score_thresh"], dtype=scores.dtype)
+        cand = np.flatnonzero(scores > thresh)
+        boxes, scores, classes = boxes[cand], scores[cand], classes[cand]
+        if params.get("soft_nms"):
+            keep, new_scores = soft_nms(boxes, scores, classes, params["soft_nms_method"], params["soft_nms_sigma"],
+                                        params["soft_nms_iou_thresh"], params["soft_nms_score_thresh"])
+            new_scores = new_scores.astype(scores.dtype)
+        else:
+            keep = nms(boxes, scores, classes, params["nms_thresh"])
+            new_scores = scores[keep]
+        k = int(params.get("topk_per_image", -1))
+        if k >= 0:
+            keep, new_scores = keep[:k], new_scores[:k]
+        boxes, scores, classes = boxes[keep], new_scores, classes[keep]
+    out_h, out_w = output_size or input_size
+    boxes = boxes.copy()
+    if (out_h, out_w) != tuple(input_size):
+        boxes[:, 0::2] *= boxes.dtype.type(out_w / input_size[1])
+        boxes[:, 1::2] *= boxes.dtype.type(out_h / input_size[0])
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, out_w)
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, out_h)
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[nonempty], scores[nonempty], classes[nonempty]

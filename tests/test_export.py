@@ -1,0 +1,246 @@
+"""Export to TorchScript / ONNX Runtime / OpenVINO: parity with the eager model, the shipped post-processing,
+errors of the export tool."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes
+
+from conftest import ROOT, TINY_OPTS
+from d2_defects.checkpoint import DefectCheckpointer
+from d2_defects.engine.launch import load_config
+from d2_defects.inference import deploy_postprocess
+from d2_defects.inference.export import (
+    FORMATS, ExportError, check_parity, compare_detections, export_model, load_exported, load_samples,
+)
+from d2_defects.modeling.postprocess import PostprocessParams, select_detections
+
+CONFIGS = {name: os.path.join(ROOT, "configs", "synthetic", f"{name}_r18_cpu.yaml")
+           for name in ("cascade", "faster", "fcos", "defect_rcnn")}
+SOFT_NMS = ["MODEL.SOFT_NMS.ENABLED", "True",
+            "MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS", "[0.05, 0.12, 0.05, 0.2, 0.05, 0.1]",
+            "TEST.DETECTIONS_PER_IMAGE", "1000"]  # decayed duplicates make the cut
+
+
+def _model(name, *opts):
+    cfg = load_config(CONFIGS[name], TINY_OPTS + list(opts))
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()
+
+
+def _images(cfg):
+    """Two test-size samples (one is traced) and an image of another size than any sample."""
+    other = torch.randint(0, 256, (3, 96, 144), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return load_samples(cfg, None, 2) + [other]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the shipped post-processing against the project's own
+
+
+def _candidates(seed, n=400, num_classes=4, size=(120, 160)):
+    """Clustered random boxes (many overlaps), some empty after clipping, scores with exact ties."""
+    g = np.random.default_rng(seed)
+    h, w = size
+    centers = g.uniform([-10, -10], [w + 10, h + 10], (n // 8, 2)).repeat(8, axis=0)
+    xy = centers + g.normal(0, 4, (n, 2))
+    wh = g.uniform(2, 40, (n, 2))
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1).astype(np.float32)
+    boxes[:5] = [w + 5, 10, w + 20, 30]  # entirely right of the image: empty after clipping
+    scores = g.uniform(0, 1, n).astype(np.float32)
+    scores[10:20] = scores[10]  # ties
+    return boxes, scores, g.integers(0, num_classes, n)
+
+
+@pytest.mark.parametrize("setting", ["nms", "nms_per_class", "linear", "gaussian", "hard", "topk_all"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deploy_postprocess_equals_select_detections(setting, seed):
+    """postprocess.py (numpy) == select_detections + Detectron2's clip / empty-box filter, incl. order."""
+    boxes, scores, classes = _candidates(seed)
+    params = PostprocessParams(score_thresh=0.1, nms_thresh=0.5, topk_per_image=50,
+                               soft_nms=setting in ("linear", "gaussian", "hard"), soft_nms_method=setting
+                               if setting in ("linear", "gaussian", "hard") else "linear", soft_nms_iou_thresh=0.4,
+                               soft_nms_score_thresh=0.05)
+    if setting == "nms_per_class":
+        params.score_thresh_per_class = [0.1, 0.5, 0.3, 0.8]
+    if setting == "topk_all":
+        params.topk_per_image = -1
+    keep, final = select_detections(torch.as_tensor(boxes), torch.as_tensor(scores), torch.as_tensor(classes), params)
+    expected = Boxes(torch.as_tensor(boxes)[keep])
+    expected.clip((120, 160))
+    nonempty = expected.nonempty()
+    d = {k: v for k, v in vars(params).items() if k != "defer_nms"}
+    b, s, c = deploy_postprocess.postprocess(boxes, scores, classes, d, (120, 160))
+    assert 0 < len(b) < nonempty.numel() or setting == "topk_all"
+    assert not bool(nonempty.all())  # the empty-box filter was exercised
+    np.testing.assert_array_equal(c, classes[keep.numpy()][nonempty.numpy()])
+    np.testing.assert_array_equal(b, expected.tensor[nonempty].numpy())
+    np.testing.assert_allclose(s, final[nonempty].numpy(), rtol=0, atol=1e-7)
+
+
+def test_deploy_postprocess_scales_to_output_size():
+    boxes = np.array([[10, 20, 30, 40], [50, 10, 90, 60]], dtype=np.float32)
+    b, s, c = deploy_postprocess.postprocess(boxes, np.array([0.9, 0.8], np.float32), np.array([0, 1]), None,
+                                             (60, 80), output_size=(120, 100))
+    np.testing.assert_allclose(b, [[12.5, 40, 37.5, 80], [62.5, 20, 100, 120]])  # x2 clipped to the width
+
+
+def test_compare_detections_is_order_free_and_strict():
+    from detectron2.structures import Instances
+
+    def inst(boxes, scores, classes):
+        return Instances((100, 100), pred_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
+                         scores=torch.tensor(scores), pred_classes=torch.tensor(classes))
+
+    a = inst([[0, 0, 10, 10], [5, 5, 20, 20]], [0.5, 0.5], [0, 1])
+    assert compare_detections(a, inst([[5, 5, 20, 20], [0, 0, 10, 10]], [0.5, 0.5], [1, 0]))["ok"]
+    assert not compare_detections(a, inst([[5, 5, 20, 20], [0, 0, 10, 10]], [0.5, 0.5], [0, 1]))["ok"]  # classes
+    shifted = compare_detections(a, inst([[0, 0, 10, 10.01], [5, 5, 20, 20]], [0.5, 0.5], [0, 1]))
+    assert not shifted["ok"] and shifted["unmatched"] == 1
+    assert not compare_detections(a, inst([[0, 0, 10, 10]], [0.5], [0]))["ok"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parity per meta-architecture and format
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: _model(name) for name in CONFIGS}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_export_parity(models, name, fmt, tmp_path):
+    """Cascade and Faster R-CNN with the project's heads, DefectFCOS, DefectRCNN (defect_score), every format:
+    the exported file in its runtime + postprocess.py gives the eager detections, also at an untraced size."""
+    cfg, model = models[name]
+    images = _images(cfg)
+    files = export_model(model, images[0], str(tmp_path), fmt)
+    assert all(os.path.isfile(f) for f in files) and (tmp_path / "postprocess.py").is_file()
+    exported = load_exported(str(tmp_path), fmt)
+    report = check_parity(model, exported, images)
+    assert min(report["num_detections"]) > 0
+    assert report["max_box_diff"] <= 1e-3 and report["max_score_diff"] <= 1e-4
+    info = json.loads((tmp_path / "postprocess.json").read_text())
+    assert info["postprocess"]["topk_per_image"] == cfg.TEST.DETECTIONS_PER_IMAGE
+    # the graph returns candidates (NMS runs in postprocess.py): more rows than final detections
+    raw = exported.raw(images[2])
+    assert len(raw[0]) > report["num_detections"][2]
+    if name == "defect_rcnn":
+        assert info["outputs"][-1] == "defect_score" and raw[-1].shape == ()
+        zeros = torch.zeros_like(images[2])
+        with torch.no_grad():
+            eager = model([{"image": zeros}])[0]["defect_score"]
+        got = exported(zeros)["defect_score"]
+        assert got == pytest.approx(eager, abs=1e-5) and abs(got - exported(images[2])["defect_score"]) > 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize("name", ["cascade", "fcos"])
+def test_export_parity_soft_nms_per_class_thresholds(name, fmt, tmp_path):
+    """Soft-NMS and per-class thresholds run in postprocess.py and match the eager model; they really act."""
+    # gaussian for the (random-init) FCOS, whose boxes rarely overlap by more than 0.5
+    cfg, model = _model(name, *SOFT_NMS, "MODEL.SOFT_NMS.METHOD", "linear" if name == "cascade" else "gaussian")
+    images = _images(cfg)
+    export_model(model, images[0], str(tmp_path), fmt)
+    exported = load_exported(str(tmp_path), fmt)
+    report = check_parity(model, exported, images)
+    assert min(report["num_detections"]) > 0
+    info = json.loads((tmp_path / "postprocess.json").read_text())["postprocess"]
+    assert info["soft_nms"] and info["score_thresh_per_class"][3] == 0.2
+    # the same graph with hard NMS gives other detections: soft-NMS is applied after the graph
+    hard = exported(images[1])
+    exported.info["postprocess"] = dict(info, soft_nms=False)
+    assert len(exported(images[1])["instances"]) != len(hard["instances"]) or not torch.equal(
+        exported(images[1])["instances"].scores, hard["instances"].scores)
+    # and a parity check with the wrong settings fails
+    with pytest.raises(ExportError, match="differs from the eager model on sample 0"):
+        check_parity(model, exported, images)
+
+
+def test_parity_check_fails_for_other_weights(models, tmp_path):
+    cfg, model = models["cascade"]
+    images = _images(cfg)
+    export_model(model, images[0], str(tmp_path), "onnx")
+    other = build_model(cfg).eval()  # other random weights
+    with pytest.raises(ExportError, match="detections|differs"):
+        check_parity(other, load_exported(str(tmp_path), "onnx"), images)
+
+
+def test_exported_onnx_runs_without_torch(models, tmp_path):
+    """What ships (model.onnx, postprocess.py, postprocess.json) runs with onnxruntime and numpy only."""
+    cfg, model = models["fcos"]
+    images = _images(cfg)
+    export_model(model, images[0], str(tmp_path), "onnx")
+    np.save(tmp_path / "image.npy", images[2].numpy())
+    script = (
+        "import sys, json; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1])\n"
+        "import numpy as np, onnxruntime as ort, postprocess\n"
+        "info = json.load(open(sys.argv[1] + '/postprocess.json'))\n"
+        "image = np.load(sys.argv[1] + '/image.npy')\n"
+        "out = ort.InferenceSession(sys.argv[1] + '/model.onnx').run(None, {'image': image})\n"
+        "b, s, c = postprocess.postprocess(out[0], out[2], out[1], info['postprocess'], image.shape[-2:])\n"
+        "np.save(sys.argv[1] + '/boxes.npy', b)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with torch.no_grad():
+        eager = model([{"image": images[2]}])[0]["instances"].pred_boxes.tensor.numpy()
+    got = np.load(tmp_path / "boxes.npy")
+    assert len(got) == len(eager) > 0
+    np.testing.assert_allclose(np.sort(got, axis=0), np.sort(eager, axis=0), atol=1e-3)
+
+
+def test_missing_runtime_package_is_named(models, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else find_spec(n, *a))
+    cfg, model = models["cascade"]
+    with pytest.raises(ExportError, match="needs the openvino package"):
+        export_model(model, _images(cfg)[0], str(tmp_path), "openvino")
+    assert not (tmp_path / "model.xml").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tool: exit codes and one ERROR line
+
+
+def _run_export_tool(args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_model.py")] + [str(a) for a in args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_export_tool_writes_checks_and_protects(models, tmp_path):
+    cfg, model = models["defect_rcnn"]
+    DefectCheckpointer(model, save_dir=str(tmp_path)).save("model_random")
+    out = tmp_path / "export"
+    args = ["--config-file", CONFIGS["defect_rcnn"], "--output", out, "--format", "onnx", "--num-samples", "2",
+            *TINY_OPTS, "MODEL.WEIGHTS", tmp_path / "model_random.pth"]
+    proc = _run_export_tool(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parity of onnx + postprocess.py with the eager model on 2 images" in proc.stdout
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "postprocess.py", "postprocess.json"}
+    proc = _run_export_tool(args)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "--overwrite" in errors[0]
+
+
+def test_export_tool_untraceable_model_is_one_error_line(models, tmp_path):
+    """DefectRCNN that skips the heads below a threshold cannot be traced (data-dependent): one ERROR line."""
+    cfg, model = models["defect_rcnn"]
+    DefectCheckpointer(model, save_dir=str(tmp_path)).save("model_random")
+    proc = _run_export_tool(["--config-file", CONFIGS["defect_rcnn"], "--output", tmp_path / "export", "--format",
+                             "openvino", *TINY_OPTS, "MODEL.WEIGHTS", tmp_path / "model_random.pth",
+                             "MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD", "0.2"])
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "cannot trace DefectRCNN" in errors[0] and "MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD" in errors[0]
+    assert not (tmp_path / "export" / "model.xml").exists()

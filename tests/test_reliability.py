@@ -424,3 +424,26 @@ def test_predict_tool_gives_the_same_detections_on_16bit_copies(gray_pair, synth
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[kind] = json.load(open(tmp_path / kind / "results.json"))
     assert len(out["gray8"]) > 0 and out["gray8"] == out["gray16"]
+
+
+# ---- item 12: 2 processes evaluate the model they save ---------------------------------------------------------
+
+def test_two_process_evaluation_equals_eval_only_of_the_saved_model(synthetic_root, tmp_path):
+    # per-process BatchNorm (the small config trains BN), so rank 1's statistics drift from rank 0's
+    opts = [*TINY_OPTS, *DS, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.001", "SOLVER.BASE_LR", "0.02"]
+    run_train_net(["--config-file", SMALL_CONFIG, "--num-gpus", "2", "--dist-url", "auto", *opts,
+                   "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", tmp_path / "ddp"],
+                  synthetic_root)
+    run_train_net(["--config-file", SMALL_CONFIG, "--eval-only", *opts, "MODEL.WEIGHTS",
+                   tmp_path / "ddp" / "model_final.pth", "OUTPUT_DIR", tmp_path / "eval"], synthetic_root)
+
+    def detections(out):
+        dets = json.load(open(out / "inference" / "synthetic_defects_val" / "coco_instances_results.json"))
+        return sorted(dets, key=lambda d: (d["image_id"], -d["score"], d["category_id"], d["bbox"]))
+
+    ours, ref = detections(tmp_path / "ddp"), detections(tmp_path / "eval")
+    images = {d["image_id"] for d in ref}
+    assert len(ref) > 0 and len(images) > 1 and len(ours) == len(ref)
+    for d, r in zip(ours, ref):
+        assert (d["image_id"], d["category_id"]) == (r["image_id"], r["category_id"])
+        assert d["bbox"] == pytest.approx(r["bbox"], abs=1e-3) and d["score"] == pytest.approx(r["score"], abs=1e-4)

@@ -7,9 +7,9 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
-from detectron2.engine.hooks import PeriodicWriter
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PeriodicWriter
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -21,18 +21,69 @@ from ..modeling.postprocess import check_postprocess_keys_used
 from ..utils.report import write_eval_report
 from .swa import SWALRMultiplier, build_swa_hook, swa_max_iter
 
-__all__ = ["Trainer", "ddp_kwargs"]
+__all__ = ["Trainer", "ddp_kwargs", "average_bn_buffers", "BNBufferSync"]
 
 
 def ddp_kwargs(cfg):
     """
     Arguments for ``create_ddp_model``. Detectron2 passes ``device_ids=[local_rank]``, which DDP rejects
-    for CPU modules; ``device_ids=None`` is what DDP expects there (gloo backend).
+    for CPU modules; ``device_ids=None`` is what DDP expects there (gloo backend). ``broadcast_buffers`` stays
+    off (Detectron2's choice): the BatchNorm statistics are averaged over the processes by
+    :class:`BNBufferSync` before each checkpoint and evaluation instead.
     """
     kwargs = {"broadcast_buffers": False}
     if torch.device(cfg.MODEL.DEVICE).type == "cpu":
         kwargs["device_ids"] = None
     return kwargs
+
+
+def _bn_buffers(model):
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return [b for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats
+            for b in (m.running_mean, m.running_var) if b is not None]
+
+
+@torch.no_grad()
+def average_bn_buffers(model):
+    """
+    Average the BatchNorm running statistics (``running_mean``, ``running_var`` of every ``BatchNorm*`` /
+    ``SyncBatchNorm`` module) over the processes of the default process group, in place. With per-process
+    BatchNorm each process otherwise keeps statistics of its own images, and the model rank 0 saves is not the
+    model the other ranks evaluate with. A no-op with one process or without such modules (FrozenBN, GN).
+    Returns the number of tensors averaged.
+    """
+    world = comm.get_world_size()
+    buffers = _bn_buffers(model.module if hasattr(model, "module") else model)
+    if world <= 1 or not buffers:
+        return 0
+    flat = torch.cat([b.reshape(-1).to(torch.float64) for b in buffers])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for b in buffers:
+        n = b.numel()
+        b.copy_(flat[offset:offset + n].view_as(b).to(b.dtype))
+        offset += n
+    return len(buffers)
+
+
+class BNBufferSync(HookBase):
+    """
+    Runs :func:`average_bn_buffers` after every iteration that ends with a checkpoint (``SOLVER.CHECKPOINT_PERIOD``,
+    the last iteration) or an evaluation (``TEST.EVAL_PERIOD``), before those hooks, in every process: the
+    checkpoint rank 0 writes then holds the statistics every rank evaluates with.
+    """
+
+    def __init__(self, checkpoint_period, eval_period):
+        self.checkpoint_period, self.eval_period = int(checkpoint_period), int(eval_period)
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if (next_iter >= self.trainer.max_iter
+                or (self.checkpoint_period > 0 and next_iter % self.checkpoint_period == 0)
+                or (self.eval_period > 0 and next_iter % self.eval_period == 0)):
+            average_bn_buffers(self.trainer.model)
 
 
 class Trainer(DefaultTrainer):
@@ -44,7 +95,9 @@ class Trainer(DefaultTrainer):
     - one COCO evaluator (and a DefectEvaluator if ``TEST.DEFECT_EVAL.ENABLED``) per ``DATASETS.TEST``
       entry, each with its own output folder;
     - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``;
-    - ``SOLVER.SWA.ENABLED``: stochastic weight averaging after the regular schedule (``engine/swa.py``).
+    - ``SOLVER.SWA.ENABLED``: stochastic weight averaging after the regular schedule (``engine/swa.py``);
+    - with several processes, per-process BatchNorm statistics are averaged before every checkpoint and
+      evaluation (:class:`BNBufferSync`), so the evaluated model is the saved one.
     """
 
     def __init__(self, cfg):
@@ -85,6 +138,10 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        if comm.get_world_size() > 1:
+            # before the checkpointer (rank 0 only) and the evaluation, in every process
+            first = next(i for i, h in enumerate(hooks) if isinstance(h, (PeriodicCheckpointer, EvalHook)))
+            hooks.insert(first, BNBufferSync(self.cfg.SOLVER.CHECKPOINT_PERIOD, self.cfg.TEST.EVAL_PERIOD))
         if self.cfg.SOLVER.SWA.ENABLED:
             # after the live evaluation (so that its results are reported next to the SWA ones),
             # before the writers (so that the SWA metrics reach metrics.json)

@@ -283,6 +283,10 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(grid, synthetic_
     os.remove(interrupted / ablation.STATUS_FILE)
     (interrupted / "last_checkpoint").write_text("model_0000001.pth")
     os.remove(interrupted / "model_final.pth")
+    # interrupted before its first checkpoint: logs and metrics, no checkpoint
+    early = copy / "cascade" / "seed0"
+    for f in [ablation.STATUS_FILE, "last_checkpoint", *[p.name for p in early.glob("model_*.pth")]]:
+        os.remove(early / f)
     before = {p: p.stat().st_mtime_ns for p in copy.glob("*/seed*/" + ablation.STATUS_FILE)}
     run_tool(["--plan", plan, "--output", copy], synthetic_root)
     for p, t in before.items():  # finished runs were not run again (diverged ones included)
@@ -291,6 +295,9 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(grid, synthetic_
     assert "--resume" in log.splitlines()[-1] or "--resume" in log
     assert "Starting training from iteration 2" in log
     assert json.loads((interrupted / ablation.STATUS_FILE).read_text())["status"] == "ok"
+    early_log = (early / "run.log").read_text()
+    assert "Starting training from iteration 0" in early_log.split("\n$ ")[-1]
+    assert json.loads((early / ablation.STATUS_FILE).read_text())["status"] == "ok"
 
 
 def test_killing_the_runner_loses_nothing(synthetic_root, tmp_path):

@@ -18,7 +18,7 @@ import os
 import sys
 
 from d2_defects.engine.ablation import PlanError, add_external_run, load_plan, run_grid, write_report
-from d2_defects.engine.launch import UserError
+from d2_defects.utils.errors import run_cli
 
 
 def _csv(kind):
@@ -58,35 +58,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def ablate(args):
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        plan = load_plan(args.plan)
-        if args.seeds and set(args.seeds) - set(plan.seeds):
-            raise PlanError(f"--seeds {args.seeds}: not in the plan's seeds {plan.seeds}")
-        for item in args.add:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise PlanError(f"--add {item!r}: expected NAME=PATH")
-            runs = add_external_run(args.output, name, path, plan)
-            print(f"added {name}: {len(runs)} run(s) from {path}")
-        if args.jobs < 1:
-            raise PlanError("--jobs must be >= 1")
-        if not args.report_only:
-            slurm = {k: getattr(args, k) for k in ("partition", "nodes", "gpus_per_node", "cpus_per_task",
-                                                   "timeout_min", "mem_gb") if getattr(args, k) is not None}
-            run_grid(plan, args.output, jobs=args.jobs, launcher=args.launcher, threads=args.threads,
-                     gpus_per_run=args.gpus_per_run, only=args.only, seeds=args.seeds, slurm=slurm,
-                     retry_failed=args.retry_failed)
-        summary = write_report(plan, args.output)
-    except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+    plan = load_plan(args.plan)
+    if args.seeds and set(args.seeds) - set(plan.seeds):
+        raise PlanError(f"--seeds {args.seeds}: not in the plan's seeds {plan.seeds}")
+    for item in args.add:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PlanError(f"--add {item!r}: expected NAME=PATH")
+        runs = add_external_run(args.output, name, path, plan)
+        print(f"added {name}: {len(runs)} run(s) from {path}")
+    if args.jobs < 1:
+        raise PlanError("--jobs must be >= 1")
+    if not args.report_only:
+        slurm = {k: getattr(args, k) for k in ("partition", "nodes", "gpus_per_node", "cpus_per_task",
+                                               "timeout_min", "mem_gb") if getattr(args, k) is not None}
+        run_grid(plan, args.output, jobs=args.jobs, launcher=args.launcher, threads=args.threads,
+                 gpus_per_run=args.gpus_per_run, only=args.only, seeds=args.seeds, slurm=slurm,
+                 retry_failed=args.retry_failed)
+    summary = write_report(plan, args.output)
     done = sum(r["planned"] - len(r["pending"]) for r in summary["rows"])
     planned = sum(r["planned"] for r in summary["rows"])
     print(f"logbook: {os.path.join(args.output, 'logbook.md')} ({done}/{planned} runs finished)")
     return 0
+
+
+def main(argv=None):
+    return run_cli(ablate, parse_args(argv), exit=False)
 
 
 if __name__ == "__main__":

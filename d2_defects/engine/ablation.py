@@ -38,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import yaml
 
-from .launch import UserError, load_config
+from .launch import RUN_MARKERS, UserError, load_config
 
 __all__ = [
     "PlanError", "Plan", "Variant", "RunSpec", "load_plan", "plan_runs", "run_grid", "execute_run",
@@ -415,7 +415,7 @@ def execute_run(spec):
     Run one (variant, seed) through ``train_net.py`` in a subprocess (output appended to
     ``out_dir/run.log``) and write its ``ablation_status.json``: ``{"status": "ok" | "failed" | "diverged",
     "reason", "returncode", "wall_s", "command"}``. An interrupted run (folder with ``last_checkpoint``)
-    continues with ``--resume``. Returns the status dict. Module-level so that submitit can pickle it.
+    (a folder with a checkpoint or metrics) continues with ``--resume``. Returns the status dict. Module-level so that submitit can pickle it.
     """
     os.makedirs(spec.out_dir, exist_ok=True)
     env = dict(os.environ)
@@ -437,8 +437,8 @@ def execute_run(spec):
                 if thresholds is None:
                     status = {"status": "failed", "reason": "tools/tune_thresholds.py failed (see run.log)"}
                 opts += ["MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS", thresholds or "[]"]
-    elif os.path.isfile(os.path.join(spec.out_dir, "last_checkpoint")):
-        cmd.append("--resume")
+    elif any(os.path.exists(os.path.join(spec.out_dir, f)) for f in RUN_MARKERS):
+        cmd.append("--resume")  # an interrupted run: continue from its last checkpoint (or start, if none)
     if spec.num_gpus > 1:
         cmd += ["--num-gpus", str(spec.num_gpus)]
     if spec.nodes > 1:  # one task per node (submitit/SLURM): machine rank and rendezvous from the job

@@ -244,3 +244,29 @@ def test_export_tool_untraceable_model_is_one_error_line(models, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert "cannot trace DefectRCNN" in errors[0] and "MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD" in errors[0]
     assert not (tmp_path / "export" / "model.xml").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the speed table
+
+
+def test_benchmark_backends_table(tmp_path):
+    from d2_defects.inference.benchmark import BACKENDS, benchmark_backends, format_table
+
+    cfg = load_config(CONFIGS["cascade"], TINY_OPTS)
+    rows = benchmark_backends(cfg, BACKENDS, sizes=[(160, 120)], iters=2, warmup=1, threads=2,
+                              export_dir=str(tmp_path), num_images=2)
+    assert [(r["backend"], r["size"]) for r in rows] == [(b, "160x120") for b in BACKENDS]
+    for r in rows:
+        assert r["ms"] > 0 and r["images_per_s"] == pytest.approx(1000 / r["ms"])
+        assert isinstance(r["memory_mb"], float) and r["memory_mb"] > 0, r
+        assert r["file_mb"] > 1  # the weights: ~50 MB for this model in every format
+        assert r["parity"] == "reference" if r["backend"] == "eager" else r["parity"].startswith("ok ("), r
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] == pytest.approx(rows[1]["ms"] / rows[0]["ms"])
+    assert rows[0]["input"] == rows[3]["input"] == "128x96"  # resized to the test size (short side 96)
+    assert (tmp_path / "openvino" / "model.bin").is_file()
+    table = format_table(rows).splitlines()
+    assert table[0].startswith("| backend | image size | model input | ms/image (median) | images/s | vs eager |")
+    assert len(table) == 2 + len(rows) and table[-2].startswith("| onnxruntime | 160x120 | 128x96 |")
+    with pytest.raises(ValueError, match="unknown backend"):
+        benchmark_backends(cfg, ["eager", "tensorrt"])

@@ -392,7 +392,7 @@ def test_ensemble_tool_prints_the_defect_evaluator_metrics(synthetic_root, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------------
-# tools: predict, benchmark, train_net --eval-only with TTA
+# tools: predict, train_net --eval-only with TTA
 
 
 def test_draw_boxes_large_image_is_drawn_at_1600px():
@@ -409,17 +409,6 @@ def test_draw_boxes_large_image_is_drawn_at_1600px():
     x1, y1, x2, y2 = (round(v * scale) for v in box)
     assert vis[(y1 + y2) // 2, x1 - 2:x1 + 3].any()
     assert not vis[(y1 + y2) // 2, (x1 + x2) // 2].any()
-
-
-def test_benchmark_inference_smoke(capsys):
-    bench = _tool("benchmark_inference")
-    assert bench.main(["--config-file", SMALL_CONFIG, "--sizes", "128x96", "--iters", "1", "--warmup", "0",
-                       *TINY_OPTS]) == 0
-    out = capsys.readouterr().out
-    assert "| image size | images/s | ms/image | peak RSS so far (MB) |" in out
-    row = next(l for l in out.splitlines() if l.startswith("| 128x96 |"))
-    images_per_s, ms, mem = (float(v) for v in row.strip("| ").split("|")[1:])
-    assert images_per_s > 0 and ms == pytest.approx(1000 / images_per_s, rel=0.05) and mem > 0
 
 
 def test_predict_writes_defect_rcnn_image_scores(synthetic_root, val_records, tmp_path, capsys):

@@ -1,38 +1,42 @@
 #!/usr/bin/env python
-"""Inference speed (images/s) and peak memory of a config at given image sizes, CPU or CUDA.
+"""Inference speed of a config in eager PyTorch and in the exported runtimes, as one table.
 
     python tools/benchmark_inference.py --config-file configs/synthetic/cascade_r18_cpu.yaml \\
-        --sizes 256x192 512x384 --batch-size 1 --iters 10 --warmup 2 [MODEL.WEIGHTS model.pth] [KEY VALUE ...]
+        --backends eager,torchscript,onnxruntime,openvino --sizes 256x192 512x384 --threads 2 \\
+        [--iters 20 --warmup 3] [MODEL.WEIGHTS model.pth] [KEY VALUE ...]
 
-Images are random noise; without MODEL.WEIGHTS the model is randomly initialised (fine for timing: the
-number of detections is capped by TEST.DETECTIONS_PER_IMAGE either way). Each size is resized like at test time (or by the
-test-time augmentation when TEST.AUG.ENABLED). The device is MODEL.DEVICE. Peak memory is
-torch.cuda.max_memory_allocated on CUDA and the process's peak resident set size on CPU (which only
-grows, so it is reported cumulatively). Prints a markdown table.
+Prints per backend and image size: ms per image (median), images/s, time relative to eager, peak memory
+(per backend, in a fresh process: peak RSS growth on CPU, max_memory_allocated on CUDA), model file size
+and the parity result (the exported model + postprocess.py against the eager model on the timed images).
+Each backend times the same work: an image already resized to the test size in, final detections out
+(post-processing included). Backends take turns image by image, so machine noise hits them alike. Images
+are random noise; without MODEL.WEIGHTS the model is randomly initialised (fine for timing: detections are
+capped by TEST.DETECTIONS_PER_IMAGE either way). Eager runs on MODEL.DEVICE, the exported runtimes on CPU.
+See docs/deploy.md.
 """
 import argparse
-import resource
-import statistics
+import os
 import sys
-import time
-
-import numpy as np
-import torch
-from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers models
 from d2_defects.checkpoint import CheckpointError
 from d2_defects.engine.launch import UserError, load_config
+from d2_defects.inference.benchmark import BACKENDS
+from d2_defects.inference.export import ExportError
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="model config (yaml)")
+    p.add_argument("--backends", default="eager",
+                   help=f"comma-separated, some of {','.join(BACKENDS)} (default eager)")
     p.add_argument("--sizes", nargs="+", default=["256x192"], help="image sizes WxH in px (default 256x192)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
-    p.add_argument("--iters", type=int, default=10, help="timed batches per size; the median is reported")
-    p.add_argument("--warmup", type=int, default=2, help="untimed batches per size before timing (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--iters", type=int, default=10, help="timed rounds per size; the median is reported (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds per size before timing (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch, ONNX Runtime and OpenVINO (default: each library's own)")
+    p.add_argument("--export-dir", default=None, help="keep the exported models here (default: a temporary folder)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-backend peak memory processes")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -47,60 +51,44 @@ def _size(s):
     return w, h
 
 
-def _peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    return kb / 1024
-
-
 def run(args):
-    from d2_defects.inference import BatchPredictor
+    from d2_defects.inference.benchmark import benchmark_backends, format_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
-        raise UserError("--iters and --batch-size must be >= 1, --warmup >= 0")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise UserError(f"--backends: unknown {unknown}, expected some of {','.join(BACKENDS)}")
+    if args.iters < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise UserError("--iters and --threads must be >= 1, --warmup >= 0")
     sizes = [_size(s) for s in args.sizes]
     cfg = load_config(args.config_file, args.opts)
-    device = torch.device(cfg.MODEL.DEVICE)
+    if cfg.TEST.AUG.ENABLED:
+        raise UserError("TEST.AUG.ENABLED: this table times plain inference (TTA cost: benchmarks/inference_tta.py)")
+    load_before = os.getloadavg()[0]
     try:
-        predictor = BatchPredictor(cfg)
-    except ValueError as e:
+        rows = benchmark_backends(cfg, backends, sizes, iters=args.iters, warmup=args.warmup, threads=args.threads,
+                                  export_dir=args.export_dir, memory=not args.no_memory)
+    except ValueError as e:  # config values checked when the model is built
         raise UserError(f"config error: {e}") from None
-    rng = np.random.default_rng(0)
-    rows = []
-    for w, h in sizes:
-        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(args.batch_size)]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for i in tqdm(range(args.warmup + args.iters), desc=f"{w}x{h}"):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            predictor(images)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        rows.append((f"{w}x{h}", args.batch_size / med, med * 1e3 / args.batch_size, _peak_memory_mb(device)))
-    tta = " (TTA)" if cfg.TEST.AUG.ENABLED else ""
-    mem = "peak CUDA memory (MB)" if device.type == "cuda" else "peak RSS so far (MB)"
-    print(f"\n{args.config_file}{tta} on {device}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"median of {args.iters} after {args.warmup} warm-up\n")
-    print(f"| image size | images/s | ms/image | {mem} |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.1f} | {r[3]:.0f} |")
-    return 0
+    import torch
+
+    print(f"\n{args.config_file} ({'MODEL.WEIGHTS' if cfg.MODEL.WEIGHTS else 'random init'}), eager on "
+          f"{cfg.MODEL.DEVICE}, {args.threads or torch.get_num_threads()} threads, median of {args.iters} rounds "
+          f"after {args.warmup}, 1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after\n")
+    print(format_table(rows))
+    for size in dict.fromkeys(r["size"] for r in rows):
+        fastest = min((r for r in rows if r["size"] == size and r["backend"] != "eager" and r["ratio"] is not None),
+                      key=lambda r: r["ratio"], default=None)
+        if fastest is not None:
+            print(f"{size}: fastest exported backend {fastest['backend']}, {fastest['ratio']:.2f}x eager's time")
+    return 0 if all(not r["parity"].startswith("FAIL") for r in rows) else 1
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (UserError, CheckpointError, FileNotFoundError) as e:
+    except (UserError, ExportError, CheckpointError, FileNotFoundError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
 

@@ -447,3 +447,195 @@ def test_two_process_evaluation_equals_eval_only_of_the_saved_model(synthetic_ro
     for d, r in zip(ours, ref):
         assert (d["image_id"], d["category_id"]) == (r["image_id"], r["category_id"])
         assert d["bbox"] == pytest.approx(r["bbox"], abs=1e-3) and d["score"] == pytest.approx(r["score"], abs=1e-4)
+
+
+# ---- items 5-9, 11: dataset readers and tools ------------------------------------------------------------------
+
+import data_helpers as H  # noqa: E402
+
+
+def _hostile(root, fmt):
+    """The hand-written dataset in ``fmt`` plus three reading problems and one box outside its image."""
+    img = root / "IMAGES"
+    H.write_images(str(img))
+    if fmt == "voc":
+        ann = root / "ANNOTATIONS"
+        H.write_voc_by_hand(str(ann))
+        (ann / "broken.xml").write_text("<annotation><filename>img_a.png")  # invalid XML
+        (ann / "empty.xml").write_text("")
+        (ann / "ghost.xml").write_text("<annotation><filename>ghost.png</filename><size><width>10</width>"
+                                       "<height>10</height></size></annotation>")  # image missing
+        xml = (ann / "img_d.xml").read_text().replace("<xmax>79</xmax>", "<xmax>95</xmax>")
+        (ann / "img_d.xml").write_text(xml)  # right edge past the 80 px image
+    elif fmt == "yolo":
+        ann = root / "labels"
+        H.write_yolo_by_hand(str(ann))
+        (ann / "ghost.txt").write_text("0 0.5 0.5 0.1 0.1\n")  # label without an image
+        (ann / "img_c.txt").write_text("0 0.5 0.5\n")  # not a YOLO line
+        with open(ann / "img_a.txt", "a") as f:
+            f.write("7 0.5 0.5 0.1 0.1\n")  # index without a name
+        with open(ann / "img_d.txt", "a") as f:
+            f.write("1 0.95 0.5 0.3 0.2\n")  # past the right edge
+    else:
+        ann = root / "labelme"
+        H.write_labelme_by_hand(str(ann), str(img))
+        (ann / "broken.json").write_text("{not json")
+        (ann / "empty.json").write_text("")
+        (ann / "ghost.json").write_text(json.dumps({"shapes": [], "imagePath": "ghost.png"}))
+        d = json.loads((ann / "img_d.json").read_text())
+        d["shapes"][0]["points"][0] = [120, 30]  # past the right edge
+        (ann / "img_d.json").write_text(json.dumps(d))
+    return str(ann), str(img)
+
+
+@pytest.mark.parametrize("fmt", ["voc", "yolo", "labelme"])
+def test_reading_problems_are_collected_and_follow_the_validation_mode(tmp_path, fmt):
+    from detectron2.data import DatasetCatalog
+
+    from d2_defects.data import register_defect_dataset
+
+    ann, img = _hostile(tmp_path, fmt)
+    register_defect_dataset(f"hostile_{fmt}", fmt, ann, img, classes=H.CLASSES, validation="error")
+    with pytest.raises(DatasetError) as e:
+        DatasetCatalog.get(f"hostile_{fmt}")
+    # all four problems at once, each naming its annotation file
+    problems = e.value.problems
+    assert len(problems) == 4, problems
+    assert any("img_d." in p and "outside" in p for p in problems)
+    assert all(str(tmp_path) in p for p in problems)
+    register_defect_dataset(f"hostile_{fmt}_warn", fmt, ann, img, classes=H.CLASSES, validation="warn")
+    with H.capture_logs("d2_defects.data.coco", logging.WARNING) as logs:
+        records = DatasetCatalog.get(f"hostile_{fmt}_warn")
+    assert "4 problem(s) found" in "\n".join(logs)
+    names = sorted(os.path.basename(r["file_name"]) for r in records)
+    dropped = {"voc": {"img_d.png"}, "yolo": {"img_a.png", "img_c.png", "img_d.png"},
+               "labelme": {"img_d.png"}}[fmt]
+    assert names == sorted(f"{k}.png" for k in H.GT if f"{k}.png" not in dropped)
+
+
+def test_voc_left_and_top_overflow_is_reported_like_right_and_bottom(tmp_path):
+    from d2_defects.data.coco import clip_boxes, load_coco_dict
+    from d2_defects.data.formats import read_dataset
+
+    H.write_images(str(tmp_path / "IMAGES"))
+    ann = tmp_path / "ANNOTATIONS"
+    H.write_voc_by_hand(str(ann))
+    # a box of img_a starting at xmin 0 (one pixel left of a 1-based image), another of img_b ending at ymax 61
+    (ann / "img_a.xml").write_text((ann / "img_a.xml").read_text().replace("<xmin>5</xmin>", "<xmin>0</xmin>"))
+    (ann / "img_b.xml").write_text((ann / "img_b.xml").read_text().replace("<ymax>52</ymax>", "<ymax>61</ymax>"))
+    coco = read_dataset("voc", str(ann), str(tmp_path / "IMAGES"))
+    with pytest.raises(DatasetError) as e:
+        load_coco_dict(coco, str(ann), str(tmp_path / "IMAGES"))
+    outside = [p for p in e.value.problems if "outside" in p]
+    assert len(outside) == 2 and any("img_a.xml" in p for p in outside) and any("img_b.xml" in p for p in outside)
+    # clip counts exactly the boxes that stuck out
+    fixed, n = clip_boxes(coco)
+    assert n == 2
+    # a dataset with nothing outside, with boxes whose float sums do not round-trip (0.1 + 0.2): 0 clipped
+    clean = {"images": [{"id": 1, "width": 10, "height": 10}],
+             "annotations": [{"id": 1, "image_id": 1, "bbox": [0.1, 0.1, 0.2, 0.7]}]}
+    out, n = clip_boxes(clean)
+    assert n == 0 and out["annotations"] == clean["annotations"]
+
+
+@pytest.mark.parametrize("names", [["a", "b", "c"], {0: "a", 1: "b", 2: "c"}])
+def test_ultralytics_layout_finds_data_yaml_at_the_root(tmp_path, names):
+    import yaml
+
+    from d2_defects.data.formats import read_dataset
+
+    root = tmp_path / "ds"
+    H.write_images(str(root / "images" / "train"))
+    labels = root / "labels" / "train"
+    labels.mkdir(parents=True)
+    (labels / "img_a.txt").write_text("2 0.5 0.5 0.2 0.2\n0 0.25 0.25 0.1 0.1\n")
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "names": names}))
+    coco = read_dataset("yolo", str(labels), str(root / "images" / "train"))
+    assert [c["name"] for c in coco["categories"]] == ["a", "b", "c"]
+    assert sorted(a["category_id"] for a in coco["annotations"]) == [1, 3]
+    (labels / "img_b.txt").write_text("3 0.5 0.5 0.2 0.2\n")  # no name for index 3
+    with pytest.raises(DatasetError, match=r"img_b.txt:1: class index 3 has no name in .*data.yaml \(3 names"):
+        read_dataset("yolo", str(labels), str(root / "images" / "train"))
+
+
+def test_manifest_entries_that_disagree_on_labels_are_warned(tmp_path):
+    from d2_defects.data import register_manifest
+
+    H.write_images(str(tmp_path / "IMAGES"))
+    H.write_voc_by_hand(str(tmp_path / "A"))
+    H.write_voc_by_hand(str(tmp_path / "B"))
+    xml = (tmp_path / "B" / "img_a.xml").read_text().replace("<name>scratch</name>", "<name>Scratch</name>")
+    (tmp_path / "B" / "img_a.xml").write_text(xml)  # a typo in one entry: would become a 4th class
+    (tmp_path / "m.yaml").write_text(
+        "datasets:\n"
+        "  - {name: dis_a, format: voc, annotations: A, images: IMAGES}\n"
+        "  - {name: dis_b, format: voc, annotations: B, images: IMAGES}\n")
+    with H.capture_logs("d2_defects.data.manifest") as logs:
+        register_manifest(str(tmp_path / "m.yaml"))
+    text = "\n".join(logs)
+    assert "entry dis_a: 3 classes (boxes): scratch (2)" in text and "Scratch (1)" in text
+    warning = [m for m in logs if "disagree" in m]
+    assert len(warning) == 1 and "(dis_a lacks Scratch)" in warning[0] and "4 classes" in warning[0]
+
+
+def test_convert_dataset_validates_like_training(tmp_path):
+    H.write_images(str(tmp_path / "IMAGES"))
+    ann = tmp_path / "ANNOTATIONS"
+    H.write_voc_by_hand(str(ann))
+    (ann / "img_c.xml").write_text((ann / "img_a.xml").read_text().replace("<filename>img_a.png", "<filename>"
+                                   "img_c.png").replace("<name>scratch</name>", "<name>dirt</name>"))
+
+    def convert(*extra):
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "convert_dataset.py"), "--format", "voc", "--annotations",
+             str(ann), "--images", str(tmp_path / "IMAGES"), "--classes", *H.CLASSES, *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "out.json"
+    proc = convert("--output", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown class 'dirt'" in proc.stderr and "img_c.xml" in proc.stderr and not out.exists()
+    proc = convert("--output", str(out), "--validation", "warn")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    coco = json.loads(out.read_text())
+    assert all(isinstance(a["category_id"], int) for a in coco["annotations"])
+    assert "img_c.png" not in {i["file_name"] for i in coco["images"]} and len(coco["images"]) == 4
+    assert not any("_source" in i for i in coco["images"])
+
+
+def test_ambiguous_image_names_are_reported_with_both_files(tmp_path):
+    from d2_defects.data.formats import read_dataset
+
+    # GC10-DET style class folders holding the same file name
+    for cls in ("crease", "punch"):
+        H.write_images(str(tmp_path / "IMAGES" / cls))
+    ann = tmp_path / "ANNOTATIONS"
+    H.write_voc_by_hand(str(ann))
+    with pytest.raises(DatasetError) as e:
+        read_dataset("voc", str(ann), str(tmp_path / "IMAGES"))
+    assert any("img_a.png" in p and "crease/img_a.png" in p and "punch/img_a.png" in p and "ambiguous" in p
+               for p in e.value.problems)
+    # x.jpg and x.png sharing one YOLO label
+    H.write_images(str(tmp_path / "Y"), ext=".png")
+    H.write_images(str(tmp_path / "Y"), ext=".jpg")
+    H.write_yolo_by_hand(str(tmp_path / "labels"))
+    with pytest.raises(DatasetError) as e:
+        read_dataset("yolo", str(tmp_path / "labels"), str(tmp_path / "Y"))
+    assert any("img_a.txt" in p and "img_a.jpg" in p and "img_a.png" in p for p in e.value.problems)
+
+
+def test_voc_images_without_xml_are_reported_and_ignored_line_logged_once(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from d2_defects.data import register_defect_dataset
+
+    H.write_images(str(tmp_path / "IMAGES"))
+    ann = tmp_path / "ANNOTATIONS"
+    H.write_voc_by_hand(str(ann))
+    os.remove(ann / "img_e.xml")
+    with H.capture_logs("d2_defects.data") as logs:
+        register_defect_dataset("once_voc", "voc", str(ann), str(tmp_path / "IMAGES"), ignore=["背景"])
+        DatasetCatalog.get("once_voc")
+    text = "\n".join(logs)
+    assert "1 image(s)" in text and "have no XML" in text and "img_e.png" in text
+    assert sum("ignored category '背景'" in m for m in logs) == 1

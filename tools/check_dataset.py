@@ -23,6 +23,7 @@ from d2_defects.data.coco import clip_boxes, validate_coco_dict
 from d2_defects.data.formats import write_coco
 from d2_defects.data.source import add_source_args, check_output, load_source, run_tool
 from d2_defects.data.split import subset_coco
+from d2_defects.utils.errors import UsageError
 
 
 def main(argv=None):
@@ -34,11 +35,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.fix_output:
         check_output(args.fix_output, args.overwrite, protected=[args.annotations])
-    coco, root, label = load_source(args, progress=tqdm)
+    read_problems = []  # files the reader could not use (reported with the rest)
+    coco, root, label = load_source(args, progress=tqdm, validate=False, reader_problems=read_problems)
     if args.clip:
         coco, n = clip_boxes(coco)
         print(f"clipped {n} box(es) to their image")
     problems, bad = validate_coco_dict(coco, label, root, check_files=bool(root), progress=True)
+    problems = read_problems + problems
     for line in problems:
         print(line)
     n_img, n_ann = len(coco["images"]), len(coco["annotations"])
@@ -46,7 +49,7 @@ def main(argv=None):
           f"{len(problems)} problem(s) in {len(bad)} image(s)")
     if args.fix_output:
         if args.annotations and os.path.realpath(args.fix_output) == os.path.realpath(args.annotations):
-            raise ValueError("refusing to overwrite the source annotations")
+            raise UsageError("refusing to overwrite the source annotations")
         fixed = subset_coco(coco, [img["id"] for img in coco["images"] if img["id"] not in bad])
         known = {c["id"] for c in fixed["categories"]}
         fixed["annotations"] = [a for a in fixed["annotations"] if a["category_id"] in known]

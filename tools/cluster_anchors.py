@@ -19,6 +19,7 @@ from tqdm import tqdm
 import d2_defects  # noqa: F401  registers the built-in datasets
 from d2_defects.data.anchors import anchor_shapes, box_shapes, cluster_anchors, coverage
 from d2_defects.data.source import add_source_args, config_resize, load_source, run_tool
+from d2_defects.utils.errors import UsageError
 
 
 def main(argv=None):
@@ -47,7 +48,7 @@ def main(argv=None):
     spl = args.sizes_per_level or len(ag.SIZES[0])
     nr = args.num_ratios or len(ag.ASPECT_RATIOS[0])
     if spl < 1 or nr < 1:
-        raise ValueError("--sizes-per-level and --num-ratios must be >= 1")
+        raise UsageError("--sizes-per-level and --num-ratios must be >= 1")
     sizes, ratios = cluster_anchors(wh, levels, spl, nr, seed=args.seed)
     before = coverage(wh, anchor_shapes(ag.SIZES, ag.ASPECT_RATIOS))
     after = coverage(wh, anchor_shapes(sizes, ratios))

@@ -22,6 +22,7 @@ import d2_defects  # noqa: F401  registers the built-in datasets
 from d2_defects.data.formats import FORMATS, write_dataset
 from d2_defects.data.source import add_source_args, check_output, load_source, rename_categories, run_tool
 from d2_defects.data.split import counts_table
+from d2_defects.utils.errors import UsageError
 
 
 def main(argv=None):
@@ -37,13 +38,13 @@ def main(argv=None):
     mapping = {}
     for r in args.rename:
         if "=" not in r:
-            raise ValueError(f"--rename expects OLD=NEW, got {r!r}")
+            raise UsageError(f"--rename expects OLD=NEW, got {r!r}")
         old, new = r.split("=", 1)
         mapping[old] = new
     coco, root, label = load_source(args, progress=tqdm)
     unknown = sorted(set(mapping) - {c["name"] for c in coco["categories"]})
     if unknown:
-        raise ValueError(f"--rename: unknown class(es) {unknown}")
+        raise UsageError(f"--rename: unknown class(es) {unknown}")
     coco = rename_categories(coco, mapping)
     files = write_dataset(coco, args.to, args.output, image_root=root)
     print(counts_table({label: coco}))

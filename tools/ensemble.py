@@ -18,10 +18,10 @@ import sys
 from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers datasets
-from d2_defects.inference.ensemble import ResultsFileError, ensemble_results, evaluate_results, load_results
+from d2_defects.inference.ensemble import ensemble_results, evaluate_results, load_results
 from d2_defects.inference.io import check_can_write
 from d2_defects.inference.merge import MERGE_METHODS
-from d2_defects.utils.errors import run_cli
+from d2_defects.utils.errors import UsageError, run_cli
 
 
 def parse_args(argv=None):
@@ -46,16 +46,16 @@ def _image_sizes(dataset):
 
 def run(args):
     if args.weights is not None and len(args.weights) != len(args.results):
-        raise ValueError(f"--weights: got {len(args.weights)} weights for {len(args.results)} results files")
+        raise UsageError(f"--weights: got {len(args.weights)} weights for {len(args.results)} results files")
     if args.weights is not None and min(args.weights) <= 0:
-        raise ValueError(f"--weights must be positive, got {args.weights}")
+        raise UsageError(f"--weights must be positive, got {args.weights}")
     if not 0 < args.iou_thr <= 1:
-        raise ValueError(f"--iou-thr must be in (0, 1], got {args.iou_thr}")
+        raise UsageError(f"--iou-thr must be in (0, 1], got {args.iou_thr}")
     if args.dataset is not None:
         from detectron2.data import DatasetCatalog
 
         if args.dataset not in DatasetCatalog.list():
-            raise ValueError(f"--dataset {args.dataset} is not registered (check DETECTRON2_DATASETS)")
+            raise UsageError(f"--dataset {args.dataset} is not registered (check DETECTRON2_DATASETS)")
     check_can_write([args.output], args.overwrite)
     inputs = [load_results(p) for p in args.results]
     sizes = _image_sizes(args.dataset) if args.dataset else None

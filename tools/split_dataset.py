@@ -22,6 +22,7 @@ import d2_defects  # noqa: F401  registers the built-in datasets
 from d2_defects.data.formats import write_coco
 from d2_defects.data.source import add_source_args, check_output, load_source, run_tool
 from d2_defects.data.split import SPLIT_METHODS, counts_table, kfold_images, split_images, subset_coco
+from d2_defects.utils.errors import UsageError
 
 
 def main(argv=None):
@@ -39,7 +40,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace existing split files")
     args = p.parse_args(argv)
     if any(f <= 0 for f in args.fractions):
-        raise ValueError("--fractions must be positive")
+        raise UsageError("--fractions must be positive")
     coco, root, label = load_source(args, progress=tqdm)
     outputs = {}
     if args.method == "kfold":
@@ -52,7 +53,7 @@ def main(argv=None):
     else:
         names = args.names or ["train", "val", "test"][: len(args.fractions)]
         if len(names) != len(args.fractions):
-            raise ValueError(f"{len(names)} --names for {len(args.fractions)} --fractions")
+            raise UsageError(f"{len(names)} --names for {len(args.fractions)} --fractions")
         parts = split_images(coco, args.method, args.fractions, seed=args.seed, every=args.every)
         outputs = {n: subset_coco(coco, ids) for n, ids in zip(names, parts)}
     paths = {n: os.path.join(args.output_dir, f"{args.prefix}{n}.json") for n in outputs}

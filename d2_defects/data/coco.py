@@ -116,28 +116,31 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True, progress=N
     for img in _progress(images, json_file, progress) if check_files else images:
         iid = img.get("id")
         fname = img.get("file_name")
+        # records read from VOC/YOLO/labelme name their annotation file, COCO ones their image id
+        where = f"{img['_source']} ({fname})" if img.get("_source") else f"image id {iid} ({fname})"
         if iid in seen_ids:
-            problems.append(f"image id {iid} ({fname}): duplicate image id")
+            problems.append(f"{where}: duplicate image id")
             bad_images.add(iid)
         seen_ids.add(iid)
         if fname in seen_names:
-            problems.append(f"image id {iid} ({fname}): duplicate file name")
+            problems.append(f"{where}: duplicate file name")
             bad_images.add(iid)
         seen_names.add(fname)
         sizes[iid] = (img.get("width"), img.get("height"), fname)
         if check_files:
             path = os.path.join(image_root, fname)
             size, err = image_size(path)
+            where_path = f"{img['_source']}" if img.get("_source") else f"image id {iid}"
             if err == "image file not found":
                 missing += 1
-                problems.append(f"image id {iid}: image file not found: {path}")
+                problems.append(f"{where_path}: image file not found: {path}")
                 bad_images.add(iid)
             elif err is not None:
-                problems.append(f"image id {iid}: {err}: {path}")
+                problems.append(f"{where_path}: {err}: {path}")
                 bad_images.add(iid)
             elif (img.get("width"), img.get("height")) != size:
                 problems.append(
-                    f"image id {iid} ({fname}): image size {size[0]}x{size[1]} differs from the "
+                    f"{where}: image size {size[0]}x{size[1]} differs from the "
                     f"annotation's {img.get('width')}x{img.get('height')}"
                 )
                 bad_images.add(iid)
@@ -155,7 +158,7 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True, progress=N
             problems.append(f"{where}): refers to an image id that is not in 'images'")
             continue
         w, h, fname = sizes[iid]
-        where += f", {fname})"
+        where = f"{ann['_source']} ({fname})" if ann.get("_source") else where + f", {fname})"
         if ann.get("category_id") not in cat_ids:
             cid = ann.get("category_id")
             what = f"unknown class '{cid}'" if isinstance(cid, str) else f"unknown category id {cid}"
@@ -199,20 +202,31 @@ def apply_ignore(coco, ignore, source="dataset"):
         else:
             anns.append(a)
     for name in sorted(ignore - set(counts)):
-        logger.warning(f"{source}: ignored category '{name}' does not occur in the dataset")
+        _log_once(logging.WARNING, f"{source}: ignored category '{name}' does not occur in the dataset")
     out = dict(coco, annotations=anns, categories=[c for c in coco["categories"] if c["id"] not in drop])
     for name, n in counts.items():
-        logger.info(f"{source}: ignored category '{name}': dropped {n} boxes")
+        _log_once(logging.INFO, f"{source}: ignored category '{name}': dropped {n} boxes")
     return out, counts
+
+
+_LOGGED = set()
+
+
+def _log_once(level, msg):
+    """Log ``msg`` once per process (registration and loading both apply the ignore list)."""
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        logger.log(level, msg)
 
 
 def clip_boxes(coco):
     """
-    Clip boxes that stick out of their image into it (a copy). Boxes left with no area are dropped.
+    Clip boxes that stick out of their image into it (a copy). Boxes left with no area are dropped;
+    boxes inside their image are kept exactly as they are.
 
     Returns:
         dict: the fixed COCO dict.
-        int: number of boxes changed or dropped.
+        int: number of boxes changed or dropped (only boxes that stuck out).
     """
     sizes = {img["id"]: (img.get("width"), img.get("height")) for img in coco.get("images", [])}
     anns, changed = [], 0
@@ -222,30 +236,37 @@ def clip_boxes(coco):
             anns.append(a)
             continue
         x, y, bw, bh = a["bbox"]
+        if not (bw > 0 and bh > 0) or (x >= 0 and y >= 0 and x + bw <= w and y + bh <= h):
+            anns.append(a)  # inside (unchanged, no float round trip), or degenerate (reported by validation)
+            continue
         x0, y0 = min(max(x, 0.0), w), min(max(y, 0.0), h)
         x1, y1 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
-        new = [x0, y0, x1 - x0, y1 - y0]
-        if new != [x, y, bw, bh]:
-            changed += 1
-            if bw > 0 and bh > 0 and (x1 <= x0 or y1 <= y0):
-                continue  # entirely outside the image
-            if bw > 0 and bh > 0:
-                a = dict(a, bbox=new)
-        anns.append(a)
+        changed += 1
+        if x1 <= x0 or y1 <= y0:
+            continue  # entirely outside the image
+        anns.append(dict(a, bbox=[x0, y0, x1 - x0, y1 - y0]))
     return dict(coco, annotations=anns), changed
 
 
-def _check(coco, source, image_root, validation, check_files=True):
-    """Run the checks for ``validation`` mode; return (coco, bad image ids) or raise DatasetError."""
+def _check(coco, source, image_root, validation, check_files=True, reader_problems=()):
+    """
+    Run the checks for ``validation`` mode; return (coco, bad image ids) or raise DatasetError.
+    ``reader_problems``: what the VOC/YOLO/labelme reader could not read (those files are already left out);
+    they are reported with every other problem and follow the same mode.
+    """
     if validation not in VALIDATION_MODES:
         raise ConfigError(f"DATASETS.VALIDATION must be one of {VALIDATION_MODES}, got {validation!r}")
+    reader_problems = list(reader_problems or ())
     if validation == "none":
+        if reader_problems:
+            logger.warning(str(DatasetError(source, reader_problems)) + "\n  -> those files are left out")
         return coco, set()
     if validation == "clip":
         coco, n = clip_boxes(coco)
         if n:
             logger.warning(f"{source}: clipped {n} box(es) that were outside their image")
     problems, bad_images = validate_coco_dict(coco, source, image_root, check_files=check_files)
+    problems = reader_problems + problems
     if problems:
         if validation in ("error", "clip"):
             raise DatasetError(source, problems)
@@ -267,7 +288,7 @@ def _set_metadata(meta, cats, class_weights=None, **extra):
         meta.set(thing_class_weights=[float(w) for w in weights])
 
 
-def load_coco_dict(coco, source, image_root, dataset_name=None, validation="error", ignore=()):
+def load_coco_dict(coco, source, image_root, dataset_name=None, validation="error", ignore=(), reader_problems=()):
     """
     Turn a parsed COCO dict into Detectron2's dataset dicts (see :func:`load_coco_defects`).
 
@@ -275,9 +296,10 @@ def load_coco_dict(coco, source, image_root, dataset_name=None, validation="erro
         coco (dict): COCO detection dict; ``file_name`` relative to ``image_root``. Not modified.
         source (str): where it came from (file or folder), used in messages.
         ignore (iterable[str]): category names to drop, with their boxes.
+        reader_problems (list[str]): problems of the VOC/YOLO/labelme reader, reported with the others.
     """
     coco, _ = apply_ignore(coco, ignore, source)
-    coco, bad_images = _check(coco, source, image_root, validation)
+    coco, bad_images = _check(coco, source, image_root, validation, reader_problems=reader_problems)
 
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     id_map = {c["id"]: i for i, c in enumerate(cats)}

@@ -11,13 +11,24 @@ Layouts (``annotations`` path, ``images`` path):
 - ``voc``: a folder of Pascal VOC XML files (searched recursively: NEU-DET ``ANNOTATIONS/``, GC10-DET
   ``lable/``, URPC ``box/``), the image folder (searched recursively, so GC10-DET's per-class folders
   work). The image is found by the XML's ``<filename>`` (with or without extension), else by the XML's
-  name. VOC corners are 1-based like Detectron2's ``pascal_voc`` loader.
+  name. VOC corners are 1-based like Detectron2's ``pascal_voc`` loader (``xmin`` 0 lies one pixel
+  outside the image, like ``xmax`` = width + 1: both are reported, and clipped by ``validation: clip``).
+  Images without an XML are listed in a warning (they are not added: an unlabelled image is not known to
+  be normal).
 - ``yolo``: a folder of ``<image stem>.txt`` files (``class cx cy w h``, normalised; polygon lines give
   their bounding box), the image folder. Every image is listed; images without a txt are normal images.
-  Index names from ``classes.txt`` or a ``data.yaml`` (``names:``) next to or above the labels, else
-  from the class list.
+  Index names from ``classes.txt`` or a ``data.yaml`` / other ``*.yaml`` with ``names:`` (a list or an
+  ``{index: name}`` dict) in the label folder or up to two folders above it (Ultralytics keeps ``data.yaml``
+  at the dataset root, above ``labels/train``), else from the class list. An index without a name is a
+  validation problem naming the txt line.
 - ``labelme``: a folder of labelme JSON files (rectangles and polygons give boxes; ``imagePath`` is
   relative to the JSON), the image folder.
+
+Reading problems (an unreadable XML/JSON, an annotation whose image is missing, a label file without an
+image, an ambiguous image name) are collected with every other problem when ``problems`` (a list) is
+given, so that the validation mode decides (``warn`` drops those files); without it they raise one
+:class:`DatasetError`. Records remember their annotation file (``_source``) so that validation messages
+name it.
 """
 import glob
 import json
@@ -59,12 +70,16 @@ class _ImageIndex:
         self.by_name, self.by_stem = {}, {}
         for rel in self.files:
             base = os.path.basename(rel)
-            self.by_name.setdefault(base, rel)
-            self.by_stem.setdefault(os.path.splitext(rel)[0], rel)
-            self.by_stem.setdefault(os.path.splitext(base)[0], rel)
+            self.by_name.setdefault(base, []).append(rel)
+            self.by_stem.setdefault(os.path.splitext(rel)[0], []).append(rel)
+            if os.path.splitext(base)[0] != os.path.splitext(rel)[0]:
+                self.by_stem.setdefault(os.path.splitext(base)[0], []).append(rel)
 
-    def find(self, *names):
-        """First match for the given names (relative path, base name or stem); None if none."""
+    def find(self, *names, ambiguous=None):
+        """
+        First match for the given names (relative path, base name or stem); None if none. When a base name
+        or stem matches several files, the first is returned and ``(name, [files])`` appended to ``ambiguous``.
+        """
         for n in names:
             if not n:
                 continue
@@ -72,12 +87,14 @@ class _ImageIndex:
             if os.path.isfile(os.path.join(self.root, n)):
                 return n
             base = os.path.basename(n)
-            if base in self.by_name:
-                return self.by_name[base]
             stem = os.path.splitext(n)[0]
-            for key in (stem, os.path.basename(stem), n, base):
-                if key in self.by_stem:
-                    return self.by_stem[key]
+            for table, keys in ((self.by_name, (base,)), (self.by_stem, (stem, os.path.basename(stem), n, base))):
+                for key in keys:
+                    if key in table:
+                        found = table[key]
+                        if len(found) > 1 and ambiguous is not None:
+                            ambiguous.append((n, list(found)))
+                        return found[0]
         return None
 
 
@@ -90,18 +107,24 @@ class _Builder:
         self.names = list(classes or [])
         self.images, self.anns = [], []
 
-    def add_image(self, file_name, width, height):
+    def add_image(self, file_name, width, height, source=None):
         iid = len(self.images) + 1
-        self.images.append({"id": iid, "file_name": file_name, "width": width, "height": height})
+        img = {"id": iid, "file_name": file_name, "width": width, "height": height}
+        if source:
+            img["_source"] = source  # the annotation file, named by validation messages
+        self.images.append(img)
         return iid
 
-    def add_box(self, iid, label, x0, y0, x1, y1):
+    def add_box(self, iid, label, x0, y0, x1, y1, source=None):
         label = str(label).strip()
         if label not in self.names and not self.fixed:
             self.names.append(label)
         cid = self.names.index(label) + 1 if label in self.names else label
-        self.anns.append({"id": len(self.anns) + 1, "image_id": iid, "category_id": cid,
-                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        ann = {"id": len(self.anns) + 1, "image_id": iid, "category_id": cid,
+               "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+        if source:
+            ann["_source"] = source  # e.g. "a.xml, object 2 ('crack')"
+        self.anns.append(ann)
 
     def coco(self):
         names = self.names
@@ -120,78 +143,131 @@ def _size_of(root, rel):
     return size or (None, None)
 
 
-def read_voc(ann_dir, image_root, classes=None, progress=None):
+def _finish(problems, sink, source):
+    """Hand reading problems to ``sink`` (a list) or raise them as one DatasetError."""
+    if not problems:
+        return
+    if sink is None:
+        raise DatasetError(source, problems)
+    sink.extend(problems)
+
+
+def _ambiguity_problems(ambiguous, what):
+    out = []
+    for name, files in ambiguous:
+        out.append(f"{what}: image name '{name}' is ambiguous: it matches {', '.join(files)} "
+                   f"(rename the files or give the path relative to the image folder)")
+    return out
+
+
+def read_voc(ann_dir, image_root, classes=None, progress=None, problems=None):
     b = _Builder(classes, ann_dir)
     index = _ImageIndex(image_root)
-    problems = []
+    found, used = [], set()
     files = _files(ann_dir, ".xml", "VOC annotation")
     for xml_file in progress(files, desc="reading VOC") if progress else files:
         try:
             root = ET.parse(xml_file).getroot()
         except ET.ParseError as e:
-            problems.append(f"{xml_file}: not a valid XML file ({e})")
+            found.append(f"{xml_file}: not a valid XML file ({e})")
             continue
         fname = (root.findtext("filename") or "").strip()
         stem = os.path.splitext(os.path.relpath(xml_file, ann_dir))[0]
-        rel = index.find(fname, stem)
+        ambiguous = []
+        rel = index.find(fname, stem, ambiguous=ambiguous)
+        found += _ambiguity_problems(ambiguous, xml_file)
         if rel is None:
-            problems.append(f"{xml_file}: image file not found under {image_root} (filename '{fname}')")
+            found.append(f"{xml_file}: image file not found under {image_root} (filename '{fname}')")
             continue
+        used.add(rel)
         w = int(float(root.findtext("size/width") or 0))
         h = int(float(root.findtext("size/height") or 0))
         if w <= 0 or h <= 0:
             w, h = _size_of(image_root, rel)
-        iid = b.add_image(rel, w, h)
-        for obj in root.findall("object"):
+        boxes, n_found = [], len(found)
+        for k, obj in enumerate(root.findall("object")):
+            name = obj.findtext("name") or ""
             try:
-                box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+                box = [float(obj.findtext(f"bndbox/{c}")) for c in ("xmin", "ymin", "xmax", "ymax")]
             except (TypeError, ValueError):
-                problems.append(f"{xml_file}: object '{obj.findtext('name')}' has no valid bndbox")
+                found.append(f"{xml_file}: object {k} ('{name}') has no valid bndbox")
                 continue
-            # 1-based corners -> 0-based continuous coordinates (as detectron2's pascal_voc loader)
-            b.add_box(iid, obj.findtext("name") or "", max(box[0] - 1, 0.0), max(box[1] - 1, 0.0), box[2], box[3])
-    if problems:
-        raise DatasetError(ann_dir, problems)
+            # 1-based corners -> 0-based continuous coordinates (as detectron2's pascal_voc loader); a box that
+            # starts at 0 lies one pixel outside and is reported by validation like one that ends past the edge
+            boxes.append((name, box[0] - 1, box[1] - 1, box[2], box[3], f"{xml_file}, object {k} ('{name}')"))
+        if len(found) > n_found:
+            continue  # a file with a problem is left out whole (partly read boxes would teach misses)
+        iid = b.add_image(rel, w, h, source=xml_file)
+        for name, x0, y0, x1, y1, where in boxes:
+            b.add_box(iid, name, x0, y0, x1, y1, source=where)
+    unlabelled = [f for f in index.files if f not in used]
+    if unlabelled and len(unlabelled) < len(index.files):
+        logger.warning(f"{ann_dir}: {len(unlabelled)} image(s) under {image_root} have no XML and are not used "
+                       f"(e.g. {', '.join(unlabelled[:3])}); add an XML without objects for a normal image")
+    _finish(found, problems, ann_dir)
     return b.coco()
 
 
 def _yolo_class_names(label_dir):
-    for folder in (label_dir, os.path.dirname(os.path.normpath(label_dir))):
+    """(names, file) from classes.txt / a yaml with ``names:`` in ``label_dir`` or up to two folders above."""
+    folder = os.path.normpath(os.path.abspath(label_dir))
+    for _ in range(3):
         txt = os.path.join(folder, "classes.txt")
         if os.path.isfile(txt):
             with open(txt, encoding="utf-8") as f:
-                return [line.strip() for line in f if line.strip()]
-        for y in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
-            with open(y, encoding="utf-8") as f:
-                names = (yaml.safe_load(f) or {}).get("names")
+                return [line.strip() for line in f if line.strip()], txt
+        yamls = sorted(glob.glob(os.path.join(folder, "*.yaml")) + glob.glob(os.path.join(folder, "*.yml")))
+        yamls.sort(key=lambda y: os.path.basename(y) not in ("data.yaml", "data.yml"))  # data.yaml first
+        for y in yamls:
+            try:
+                with open(y, encoding="utf-8") as f:
+                    data = yaml.safe_load(f)
+            except (yaml.YAMLError, UnicodeDecodeError):
+                continue
+            names = data.get("names") if isinstance(data, dict) else None
             if isinstance(names, dict):
-                return [str(names[k]) for k in sorted(names)]
+                try:
+                    keys = sorted(names, key=int)
+                except (TypeError, ValueError):
+                    continue
+                if [int(k) for k in keys] != list(range(len(keys))):
+                    raise DatasetError(y, [f"'names:' must map the indices 0..{len(keys) - 1}, got {keys}"])
+                return [str(names[k]) for k in keys], y
             if isinstance(names, list):
-                return [str(n) for n in names]
-    return None
+                return [str(n) for n in names], y
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return None, None
 
 
-def read_yolo(label_dir, image_root, classes=None, progress=None):
+def read_yolo(label_dir, image_root, classes=None, progress=None, problems=None):
     if not os.path.isdir(label_dir):
         raise InputNotFoundError(f"YOLO label folder not found: {label_dir}")
     # the txt files hold indices into classes.txt / data.yaml; ``classes`` only orders the output
     # (it names the indices when the folder has no names file)
-    names = _yolo_class_names(label_dir) or (list(classes) if classes is not None else None)
+    names, names_file = _yolo_class_names(label_dir)
+    if names is None and classes is not None:
+        names, names_file = list(classes), "the class list"
     index = _ImageIndex(image_root)
     labels = {}
     for t in _files(label_dir, ".txt", "YOLO label"):
         if os.path.basename(t) == "classes.txt":
             continue
         labels[os.path.splitext(os.path.relpath(t, label_dir))[0].replace(os.sep, "/")] = t
-    used = set()
-    records, problems, max_cls = [], [], -1
+    used = {}
+    records, found, max_cls = [], [], -1
     for rel in progress(index.files, desc="reading YOLO") if progress else index.files:
         stem = os.path.splitext(rel)[0]
         txt = labels.get(stem) or labels.get(os.path.basename(stem))
         w, h = _size_of(image_root, rel)
-        boxes = []
+        boxes, n_found = [], len(found)
         if txt is not None:
-            used.add(txt)
+            if txt in used:
+                found.append(f"{txt}: one label file for two images, {used[txt]} and {rel} (rename one of them)")
+                continue
+            used[txt] = rel
             with open(txt, encoding="utf-8") as f:
                 for ln, line in enumerate(f, 1):
                     parts = line.split()
@@ -200,7 +276,7 @@ def read_yolo(label_dir, image_root, classes=None, progress=None):
                     try:
                         c, vals = int(parts[0]), [float(v) for v in parts[1:]]
                     except ValueError:
-                        problems.append(f"{txt}:{ln}: not a YOLO line: {line.strip()!r}")
+                        found.append(f"{txt}:{ln}: not a YOLO line: {line.strip()!r}")
                         continue
                     if len(vals) == 4:
                         cx, cy, bw, bh = vals
@@ -208,40 +284,47 @@ def read_yolo(label_dir, image_root, classes=None, progress=None):
                     elif len(vals) >= 6 and len(vals) % 2 == 0:  # polygon
                         x0, x1, y0, y1 = min(vals[0::2]), max(vals[0::2]), min(vals[1::2]), max(vals[1::2])
                     else:
-                        problems.append(f"{txt}:{ln}: expected 'class cx cy w h' or a polygon: {line.strip()!r}")
+                        found.append(f"{txt}:{ln}: expected 'class cx cy w h' or a polygon: {line.strip()!r}")
+                        continue
+                    if names is not None and not 0 <= c < len(names):
+                        found.append(f"{txt}:{ln}: class index {c} has no name in {names_file} "
+                                     f"({len(names)} names: 0..{len(names) - 1})")
                         continue
                     max_cls = max(max_cls, c)
-                    boxes.append((c, x0, y0, x1, y1))
-        records.append((rel, w, h, boxes))
-    for t in sorted(set(labels.values()) - used):
-        problems.append(f"{t}: no image with this name under {image_root}")
-    if problems:
-        raise DatasetError(label_dir, problems)
+                    boxes.append((c, x0, y0, x1, y1, f"{txt}:{ln}"))
+        if len(found) > n_found:
+            continue  # a label file with a problem is left out whole
+        records.append((rel, w, h, boxes, txt))
+    for t in sorted(set(labels.values()) - set(used)):
+        found.append(f"{t}: no image with this name under {image_root}")
     if names is None:
         names = [str(i) for i in range(max_cls + 1)]
-        logger.warning(f"{label_dir}: no class names (classes.txt or data.yaml); using {names}")
+        logger.warning(f"{label_dir}: no class names (classes.txt or data.yaml in the label folder or up to two "
+                       f"folders above it); using {names}")
     b = _Builder(list(classes) if classes is not None else names, label_dir)
-    for rel, w, h, boxes in records:
-        iid = b.add_image(rel, w, h)
-        for c, x0, y0, x1, y1 in boxes:
-            label = names[c] if 0 <= c < len(names) else f"#{c}"
+    for rel, w, h, boxes, txt in records:
+        iid = b.add_image(rel, w, h, source=txt)
+        for c, x0, y0, x1, y1, where in boxes:
             sx, sy = (w or 0), (h or 0)
-            b.add_box(iid, label, x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+            b.add_box(iid, names[c], x0 * sx, y0 * sy, x1 * sx, y1 * sy, source=where)
+    _finish(found, problems, label_dir)
     return b.coco()
 
 
-def read_labelme(json_dir, image_root, classes=None, progress=None):
+def read_labelme(json_dir, image_root, classes=None, progress=None, problems=None):
     b = _Builder(classes, json_dir)
     index = _ImageIndex(image_root)
-    problems = []
+    found = []
     files = _files(json_dir, ".json", "labelme")
     for jf in progress(files, desc="reading labelme") if progress else files:
         try:
             with open(jf, encoding="utf-8") as f:
                 d = json.load(f)
             shapes = d["shapes"]
+            if not isinstance(shapes, list):
+                raise TypeError("'shapes' is not a list")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            problems.append(f"{jf}: not a labelme json ({type(e).__name__}: {e})")
+            found.append(f"{jf}: not a labelme json ({type(e).__name__}: {e})")
             continue
         image_path = (d.get("imagePath") or "").replace("\\", "/")
         rel = None
@@ -249,30 +332,41 @@ def read_labelme(json_dir, image_root, classes=None, progress=None):
             abs_path = os.path.normpath(os.path.join(os.path.dirname(jf), image_path))
             if os.path.isfile(abs_path) and not os.path.relpath(abs_path, image_root).startswith(".."):
                 rel = os.path.relpath(abs_path, image_root).replace(os.sep, "/")
-        rel = rel or index.find(image_path, os.path.splitext(os.path.relpath(jf, json_dir))[0])
+        ambiguous = []
+        rel = rel or index.find(image_path, os.path.splitext(os.path.relpath(jf, json_dir))[0], ambiguous=ambiguous)
+        found += _ambiguity_problems(ambiguous, jf)
         if rel is None:
-            problems.append(f"{jf}: image file not found under {image_root} (imagePath '{image_path}')")
+            found.append(f"{jf}: image file not found under {image_root} (imagePath '{image_path}')")
             continue
         w, h = d.get("imageWidth"), d.get("imageHeight")
         if not w or not h:
             w, h = _size_of(image_root, rel)
-        iid = b.add_image(rel, w, h)
+        boxes, n_found = [], len(found)
         for k, s in enumerate(shapes):
-            pts = s.get("points") or []
+            pts = s.get("points") or [] if isinstance(s, dict) else []
+            label = s.get("label", "") if isinstance(s, dict) else ""
             if not pts:
-                problems.append(f"{jf}: shape {k} ('{s.get('label')}') has no points")
+                found.append(f"{jf}: shape {k} ('{label}') has no points")
                 continue
-            xs, ys = [float(p[0]) for p in pts], [float(p[1]) for p in pts]
+            try:
+                xs, ys = [float(p[0]) for p in pts], [float(p[1]) for p in pts]
+            except (TypeError, ValueError, IndexError):
+                found.append(f"{jf}: shape {k} ('{label}') has invalid points")
+                continue
             if s.get("shape_type") == "circle" and len(pts) == 2:
                 r = ((xs[1] - xs[0]) ** 2 + (ys[1] - ys[0]) ** 2) ** 0.5
                 xs, ys = [xs[0] - r, xs[0] + r], [ys[0] - r, ys[0] + r]
-            b.add_box(iid, s.get("label", ""), min(xs), min(ys), max(xs), max(ys))
-    if problems:
-        raise DatasetError(json_dir, problems)
+            boxes.append((label, min(xs), min(ys), max(xs), max(ys), f"{jf}, shape {k} ('{label}')"))
+        if len(found) > n_found:
+            continue  # a file with a problem is left out whole
+        iid = b.add_image(rel, w, h, source=jf)
+        for label, x0, y0, x1, y1, where in boxes:
+            b.add_box(iid, label, x0, y0, x1, y1, source=where)
+    _finish(found, problems, json_dir)
     return b.coco()
 
 
-def read_dataset(fmt, annotations, image_root, classes=None, progress=None):
+def read_dataset(fmt, annotations, image_root, classes=None, progress=None, problems=None):
     """
     Read a dataset in any supported format into a COCO dict.
 
@@ -283,6 +377,8 @@ def read_dataset(fmt, annotations, image_root, classes=None, progress=None):
         classes (list[str] or None): class names in contiguous-id order; labels outside it are
             reported by validation. None: discovered (sorted by name; COCO: the json's categories).
         progress (callable or None): e.g. ``tqdm``, wrapped around the per-file loop.
+        problems (list or None): collects the reading problems (then nothing is raised for them; the files
+            concerned are left out); None: they raise one :class:`DatasetError`.
     """
     if fmt == "coco":
         coco = read_coco_json(annotations)
@@ -292,7 +388,7 @@ def read_dataset(fmt, annotations, image_root, classes=None, progress=None):
     readers = {"voc": read_voc, "yolo": read_yolo, "labelme": read_labelme}
     if fmt not in readers:
         raise UsageError(f"unknown dataset format {fmt!r}; use one of {FORMATS}")
-    return readers[fmt](annotations, image_root, classes=classes, progress=progress)
+    return readers[fmt](annotations, image_root, classes=classes, progress=progress, problems=problems)
 
 
 def _restrict_coco_classes(coco, classes):
@@ -316,7 +412,16 @@ def _num(v):
     return int(v) if v == int(v) else v
 
 
+def _public(coco):
+    """The COCO dict without the readers' private keys (``_source``)."""
+    def clean(items):
+        return [{k: v for k, v in d.items() if not k.startswith("_")} for d in items]
+
+    return dict(coco, images=clean(coco.get("images", [])), annotations=clean(coco.get("annotations", [])))
+
+
 def write_coco(coco, path):
+    coco = _public(coco)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(coco, f, ensure_ascii=False)

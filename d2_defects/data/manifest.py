@@ -47,15 +47,19 @@ class _FormatLoader:
 
     def __init__(self, fmt, annotations, images, classes):
         self.args = (fmt, annotations, images, classes)
-        self._coco = None
+        self._coco, self.problems = None, []
 
     def coco(self):
         if self._coco is None:
-            self._coco = read_dataset(*self.args)
+            # reading problems are collected and reported with the validation's (the mode decides)
+            self.problems = []
+            self._coco = read_dataset(*self.args, problems=self.problems)
         return self._coco
 
     def load(self, name, validation, ignore):
-        return load_coco_dict(self.coco(), self.args[1], self.args[2], name, validation=validation, ignore=ignore)
+        coco = self.coco()
+        return load_coco_dict(coco, self.args[1], self.args[2], name, validation=validation, ignore=ignore,
+                              reader_problems=self.problems)
 
 
 def register_defect_dataset(name, format, annotations, images, classes=None, class_weights=None, ignore=(),
@@ -156,21 +160,47 @@ def load_manifest(path):
     return out
 
 
-def _shared_classes(entries, ignore):
+def _label_counts(coco, skip):
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    counts = {}
+    for a in coco.get("annotations", []):
+        n = names.get(a.get("category_id"), a.get("category_id"))
+        if n not in skip:
+            counts[str(n)] = counts.get(str(n), 0) + 1
+    for c in coco["categories"]:
+        if c["name"] not in skip:
+            counts.setdefault(c["name"], 0)
+    return counts
+
+
+def _shared_classes(entries, ignore, path="manifest"):
     """
     Class list for the non-COCO entries that give none: the sorted union of the labels of all those
     entries (without ignored ones), so that train and test splits get the same contiguous ids even
-    when a split lacks a class. None if there are no such entries.
+    when a split lacks a class. None if there are no such entries. Logs each entry's classes with their
+    box counts, and warns when the entries disagree (a label in one entry only becomes a class of all).
     """
     todo = [e for e in entries if e["classes"] is None and e["format"] != "coco"]
     if not todo:
         return None
-    names = set()
+    per_entry = {}
     for e in todo:
-        coco = read_dataset(e["format"], e["annotations"], e["images"])
+        coco = read_dataset(e["format"], e["annotations"], e["images"], problems=[])  # problems: at loading
         skip = set(ignore) | set(e["ignore"] or [])
-        names |= {c["name"] for c in coco["categories"] if c["name"] not in skip}
-    return sorted(names)
+        per_entry[e["name"]] = _label_counts(coco, skip)
+        shown = ", ".join(f"{n} ({k})" for n, k in sorted(per_entry[e["name"]].items()))
+        logger.info(f"{path}: entry {e['name']}: {len(per_entry[e['name']])} classes (boxes): {shown}")
+    names = sorted(set().union(*per_entry.values()))
+    if len(per_entry) > 1:
+        missing = {n: sorted(set(names) - set(c)) for n, c in per_entry.items() if set(names) - set(c)}
+        if missing:
+            lines = "; ".join(f"{n} lacks {', '.join(m)}" for n, m in missing.items())
+            logger.warning(
+                f"{path}: the entries without 'classes:' disagree on their labels ({lines}); every entry gets the "
+                f"union of {len(names)} classes {names}. If a label is a typo or another dataset's name, give "
+                f"'classes:' (or 'ignore:') in the manifest"
+            )
+    return names
 
 
 def register_manifest(path, validation="error", ignore=()):
@@ -186,7 +216,7 @@ def register_manifest(path, validation="error", ignore=()):
     """
     names = []
     entries = load_manifest(path)
-    shared = _shared_classes(entries, ignore)
+    shared = _shared_classes(entries, ignore, path)
     for e in entries:
         classes = e["classes"]
         if classes is None and e["format"] != "coco":

@@ -10,8 +10,9 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .coco import apply_ignore
+from .coco import VALIDATION_MODES, _check, apply_ignore
 from .formats import FORMATS, read_dataset
+from .split import subset_coco
 from ..utils.errors import DatasetError, OutputExistsError, UsageError
 
 __all__ = ["add_source_args", "load_source", "records_to_coco"]
@@ -26,6 +27,10 @@ def add_source_args(parser, required=True):
     g.add_argument("--images", help="with --format: image folder")
     g.add_argument("--classes", nargs="+", help="with --format: class names in order (default: from the data)")
     g.add_argument("--ignore", nargs="+", default=[], help="class names to drop with their boxes, e.g. 背景")
+    g.add_argument("--validation", choices=VALIDATION_MODES, default="error",
+                   help="checks of the input, as in training (DATASETS.VALIDATION): error (default: stop on any "
+                        "problem), warn (report and drop the images concerned), clip (clip boxes outside their "
+                        "image, stop on the rest), none")
     return g
 
 
@@ -44,8 +49,35 @@ def records_to_coco(records, classes):
     return {"images": images, "annotations": anns, "categories": cats}
 
 
-def load_source(args, progress=None, cfg=None):
+def _validated(coco, label, root, args, validate, reader_problems):
+    """The checks training runs (``args.validation`` mode); with ``validate=False`` the reading problems go to
+    ``reader_problems`` (or raise when it is None) and the caller checks the rest."""
+    if not validate:
+        if reader_problems is None and coco.get("_problems"):
+            raise DatasetError(label, coco["_problems"])
+        if reader_problems is not None:
+            reader_problems.extend(coco.get("_problems", []))
+        return {k: v for k, v in coco.items() if k != "_problems"}
+    problems = coco.pop("_problems", [])
+    mode = getattr(args, "validation", None) or "error"
+    coco, bad = _check(coco, label, root, mode, check_files=bool(root), reader_problems=problems)
+    if bad:
+        coco = subset_coco(coco, [img["id"] for img in coco["images"] if img["id"] not in bad])
+        known = {c["id"] for c in coco["categories"]}
+        coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] in known]
+    return coco
+
+
+def load_source(args, progress=None, cfg=None, validate=True, reader_problems=None):
     """
+    Read the tool's input dataset (``--dataset`` or ``--format/--annotations/--images``) and run the checks
+    training runs, in the mode ``--validation`` (default "error": any problem is a :class:`DatasetError`
+    listing them all; "warn" drops the images concerned).
+
+    Args:
+        validate (bool): False: only read (``tools/check_dataset.py`` reports the problems itself); reading
+            problems then go to ``reader_problems`` (a list), or raise when it is None.
+
     Returns:
         dict: raw COCO dict (``file_name`` relative to the image root).
         str: the image root ("" when ``file_name`` values are absolute).
@@ -60,8 +92,12 @@ def load_source(args, progress=None, cfg=None):
     if args.format:
         if not args.annotations or not args.images:
             raise UsageError("--format needs --annotations and --images")
-        coco = read_dataset(args.format, args.annotations, args.images, classes=args.classes, progress=progress)
+        problems = []
+        coco = read_dataset(args.format, args.annotations, args.images, classes=args.classes, progress=progress,
+                            problems=problems)
         coco, _ = apply_ignore(coco, args.ignore, args.annotations)
+        coco = _validated(dict(coco, _problems=problems), args.annotations, args.images, args, validate,
+                          reader_problems)
         return coco, args.images, args.annotations
     if not args.dataset:
         raise UsageError("give --dataset NAME (with --manifest FILE for manifest datasets) or "
@@ -72,11 +108,14 @@ def load_source(args, progress=None, cfg=None):
     meta = MetadataCatalog.get(args.dataset)
     fmt = getattr(meta, "dataset_format", None)
     if fmt is not None:
+        problems = []
         coco = read_dataset(fmt, meta.annotation_path, meta.image_root,
-                            classes=getattr(meta, "source_classes", None), progress=progress)
+                            classes=getattr(meta, "source_classes", None), progress=progress, problems=problems)
         coco, _ = apply_ignore(coco, list(getattr(meta, "ignore", [])) + list(args.ignore), args.dataset)
+        coco = _validated(dict(coco, _problems=problems), args.dataset, meta.image_root, args, validate,
+                          reader_problems)
         return coco, meta.image_root, args.dataset
-    # any other registered dataset: through its loader
+    # any other registered dataset: through its loader (which ran its own checks)
     coco = records_to_coco(DatasetCatalog.get(args.dataset), meta.thing_classes)
     coco, _ = apply_ignore(coco, args.ignore, args.dataset)
     return coco, "", args.dataset

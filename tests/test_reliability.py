@@ -639,3 +639,20 @@ def test_voc_images_without_xml_are_reported_and_ignored_line_logged_once(tmp_pa
     text = "\n".join(logs)
     assert "1 image(s)" in text and "have no XML" in text and "img_e.png" in text
     assert sum("ignored category '背景'" in m for m in logs) == 1
+
+
+def test_bad_test_dataset_fails_at_setup_not_after_training(synthetic_root, tmp_path):
+    src = os.path.join(synthetic_root, "synthetic_defects")
+    coco = json.load(open(os.path.join(src, "annotations", "instances_val.json")))
+    coco["images"][1]["file_name"] = "missing.png"
+    (tmp_path / "bad_val.json").write_text(json.dumps(coco))
+    (tmp_path / "m.yaml").write_text(
+        "datasets:\n"
+        f"  - {{name: m_train, format: coco, annotations: {src}/annotations/instances_train.json, images: {src}/train}}\n"
+        f"  - {{name: m_bad_val, format: coco, annotations: {tmp_path}/bad_val.json, images: {src}/val}}\n")
+    proc = run_train_net(["--config-file", SMALL_CONFIG, "--manifest", tmp_path / "m.yaml", *TINY_OPTS,
+                          "DATASETS.TRAIN", "('m_train',)", "DATASETS.TEST", "('m_bad_val',)", "SOLVER.MAX_ITER", "2",
+                          "OUTPUT_DIR", tmp_path / "out"], synthetic_root, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "image file not found" in proc.stderr and "missing.png" in proc.stderr
+    assert "Starting training" not in proc.stdout + proc.stderr

@@ -20,7 +20,7 @@ from ..utils.errors import (  # noqa: F401  (CheckpointError, DatasetError, Conf
     UsageError,
     run_cli,
 )
-from .validation import validate_config
+from .validation import load_test_datasets, validate_config
 
 __all__ = ["UserError", "load_config", "setup", "main", "run", "check_output_dir", "remove_stale_temp_files"]
 
@@ -120,6 +120,8 @@ def setup(args):
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_defects", abbrev_name="d2d")
     register_from_config(cfg)  # manifest datasets, in every process
     validate_config(cfg)
+    if not getattr(args, "eval_only", False):
+        load_test_datasets(cfg)  # test records checked now, not after training (the training set: by the loader)
     return cfg
 
 

@@ -11,7 +11,7 @@ from detectron2.data import MetadataCatalog
 
 from ..utils.errors import ConfigError
 
-__all__ = ["validate_config", "num_classes_key", "check_num_classes"]
+__all__ = ["validate_config", "num_classes_key", "check_num_classes", "load_test_datasets"]
 
 logger = logging.getLogger("d2_defects")
 
@@ -43,6 +43,18 @@ def check_num_classes(cfg, dataset_names=None):
             f"{key} is {k} but dataset '{name}' has {len(classes)} classes ({shown}); set {key} {len(classes)} "
             f"(in the config file or on the command line)"
         )
+
+
+def load_test_datasets(cfg):
+    """
+    Load (and so validate, in the dataset's validation mode) every ``DATASETS.TEST`` dataset now, so that a bad
+    test record fails at setup and not after the training run. The records are cached per process, so the
+    evaluation does not read them again.
+    """
+    from detectron2.data import DatasetCatalog
+
+    for name in cfg.DATASETS.TEST:
+        DatasetCatalog.get(name)
 
 
 def validate_config(cfg):

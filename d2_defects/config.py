@@ -30,6 +30,7 @@ def add_defects_config(cfg):
     _add_roi_heads_config(cfg)
     _add_soft_nms_config(cfg)
     _add_swa_config(cfg)
+    _add_ema_config(cfg)
     _add_defect_eval_config(cfg)
     _add_tta_config(cfg)
     return cfg
@@ -110,6 +111,19 @@ def _add_swa_config(cfg):
     cfg.SOLVER.SWA.LR_SHAPE = "linear"
     # Training batches used to recompute BatchNorm statistics of the averaged model (0: skip; FrozenBN: no-op).
     cfg.SOLVER.SWA.BN_UPDATE_ITERS = 200
+
+
+def _add_ema_config(cfg):
+    """Exponential moving average of the weights (d2_defects/engine/ema.py)."""
+    cfg.MODEL_EMA = CN()
+    # Keep an EMA of the weights (BN statistics included), save it in checkpoints and as model_ema.pth.
+    cfg.MODEL_EMA.ENABLED = False
+    # Decay per iteration, in [0, 1): ema = d * ema + (1 - d) * weights (0.999: about 1000 iterations of memory).
+    cfg.MODEL_EMA.DECAY = 0.999
+    # Ramp of the decay, iterations: d_t = DECAY * (1 - exp(-t / WARMUP_ITERS)); 0 = constant DECAY.
+    cfg.MODEL_EMA.WARMUP_ITERS = 200
+    # Evaluate the EMA weights next to the live ones (results under "ema/", e.g. ema/bbox/AP).
+    cfg.MODEL_EMA.EVAL = True
 
 
 def _add_data_config(cfg):

@@ -42,6 +42,10 @@ __all__ = [
     "average_state_dicts",
     "build_swa_hook",
     "SWA_PREFIX",
+    "UntaggedCheckpointer",
+    "flatten_results",
+    "merge_prefixed_results",
+    "build_averaged_eval_function",
 ]
 
 # a child of "detectron2" so that messages reach the handlers (log.txt) that train_net's setup installs
@@ -208,7 +212,9 @@ def averaged_weights(model, weights):
         module.train(training)
 
 
-class _UntaggedCheckpointer(DefectCheckpointer):
+class UntaggedCheckpointer(DefectCheckpointer):
+    """A checkpointer whose saves (``model_swa.pth``, ``model_ema.pth``) do not move ``last_checkpoint``."""
+
     def tag_last_checkpoint(self, last_filename_basename):
         # model_swa.pth must not become the checkpoint that --resume continues from
         pass
@@ -283,13 +289,13 @@ class SWAHook(HookBase):
                 for v in module.state_dict().values():
                     torch.distributed.broadcast(v, src=0)
             if comm.is_main_process() and self._output_dir:
-                ckpt = _UntaggedCheckpointer(module, save_dir=self._output_dir)
+                ckpt = UntaggedCheckpointer(module, save_dir=self._output_dir)
                 ckpt.save("model_swa", iteration=self.trainer.max_iter - 1, num_averaged=self.state.num_averaged)
             comm.synchronize()
             if self._eval_function is not None:
                 results = self._eval_function(module)
                 self.swa_results = results
-                flat = {SWA_PREFIX + k: v for k, v in _flatten(results).items()}
+                flat = {SWA_PREFIX + k: v for k, v in flatten_results(results).items()}
                 if flat and comm.is_main_process():
                     self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
                 comm.synchronize()
@@ -311,22 +317,55 @@ class SWAHook(HookBase):
         self.state.load_state_dict(state_dict)
 
 
-def _flatten(results, prefix=""):
+def flatten_results(results, prefix=""):
+    """``{"bbox": {"AP": 1}}`` -> ``{"bbox/AP": 1}`` (the names Detectron2's EvalHook stores)."""
     out = {}
     for k, v in (results or {}).items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(flatten_results(v, f"{prefix}{k}/"))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
+def merge_prefixed_results(live, other, prefix):
+    """``live`` results plus ``other`` results under ``<prefix><key>`` top-level keys (replacing earlier ones)."""
+    merged = OrderedDict(live or {})
+    for k, v in (other or {}).items():
+        merged[prefix + k] = v
+    return merged
+
+
 def merge_swa_results(live, swa):
     """``live`` results plus ``swa`` results under ``swa/<key>`` top-level keys."""
-    merged = OrderedDict(live or {})
-    for k, v in (swa or {}).items():
-        merged[SWA_PREFIX + k] = v
-    return merged
+    return merge_prefixed_results(live, swa, SWA_PREFIX)
+
+
+def build_averaged_eval_function(trainer, folder, prefix, label):
+    """
+    ``eval_function(model)`` for an averaged model (SWA, EMA) of a Detectron2 trainer: evaluates with
+    ``trainer.test`` into ``OUTPUT_DIR/<folder>/<dataset>`` (the live model's ``inference/`` files are kept)
+    and reports the results under ``<prefix>`` next to the live ones in ``trainer._last_eval_results`` and
+    ``OUTPUT_DIR/eval_results.json``.
+    """
+    from ..utils.report import write_eval_report
+
+    cfg = trainer.cfg
+
+    def eval_function(model):
+        evaluators = [type(trainer).build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, folder, name))
+                      for name in cfg.DATASETS.TEST]
+        results = type(trainer).test(cfg, model, evaluators)
+        if not results:
+            return results
+        merged = merge_prefixed_results(getattr(trainer, "_last_eval_results", None), results, prefix)
+        trainer._last_eval_results = merged
+        if comm.is_main_process():
+            write_eval_report(merged, cfg.OUTPUT_DIR)
+            logger.info(f"{label} model evaluated; results under " + ", ".join(prefix + k for k in results))
+        return results
+
+    return eval_function
 
 
 def build_swa_hook(trainer):
@@ -336,8 +375,6 @@ def build_swa_hook(trainer):
     SWA model evaluated with ``trainer.test`` and reported next to the live results in
     ``trainer._last_eval_results`` and ``OUTPUT_DIR/eval_results.json``.
     """
-    from ..utils.report import write_eval_report
-
     cfg = trainer.cfg
     swa = cfg.SOLVER.SWA
     bn_loader = None
@@ -347,19 +384,7 @@ def build_swa_hook(trainer):
         bn_cfg.DATALOADER.NUM_WORKERS = 0  # as detectron2's PreciseBN hook: a few hundred batches at most
         bn_loader = trainer.build_train_loader(bn_cfg)
 
-    def eval_function(model):
-        # own output folders, so that the live model's inference/ files are kept
-        evaluators = [type(trainer).build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_swa", name))
-                      for name in cfg.DATASETS.TEST]
-        results = type(trainer).test(cfg, model, evaluators)
-        if not results:
-            return results
-        merged = merge_swa_results(getattr(trainer, "_last_eval_results", None), results)
-        trainer._last_eval_results = merged
-        if comm.is_main_process():
-            write_eval_report(merged, cfg.OUTPUT_DIR)
-            logger.info("SWA model evaluated; results under " + ", ".join(SWA_PREFIX + k for k in results))
-        return results
+    eval_function = build_averaged_eval_function(trainer, "inference_swa", SWA_PREFIX, "SWA")
 
     return SWAHook(trainer.model, cfg.SOLVER.MAX_ITER, swa.NUM_CYCLES, swa.CYCLE_ITERS,
                    output_dir=cfg.OUTPUT_DIR, bn_data_loader=bn_loader, bn_update_iters=swa.BN_UPDATE_ITERS,

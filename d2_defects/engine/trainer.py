@@ -19,6 +19,7 @@ from ..evaluation import DefectEvaluator
 from ..modeling.freeze import freeze_model
 from ..modeling.postprocess import check_postprocess_keys_used
 from ..utils.report import write_eval_report
+from .ema import build_ema_hook
 from .swa import SWALRMultiplier, build_swa_hook, swa_max_iter
 
 __all__ = ["Trainer", "ddp_kwargs", "average_bn_buffers", "BNBufferSync"]
@@ -96,6 +97,7 @@ class Trainer(DefaultTrainer):
       entry, each with its own output folder;
     - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``;
     - ``SOLVER.SWA.ENABLED``: stochastic weight averaging after the regular schedule (``engine/swa.py``);
+    - ``MODEL_EMA.ENABLED``: an exponential moving average of the weights (``engine/ema.py``);
     - with several processes, per-process BatchNorm statistics are averaged before every checkpoint and
       evaluation (:class:`BNBufferSync`), so the evaluated model is the saved one.
     """
@@ -147,6 +149,10 @@ class Trainer(DefaultTrainer):
             # before the writers (so that the SWA metrics reach metrics.json)
             writers = [i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)]
             hooks.insert(writers[0] if writers else len(hooks), build_swa_hook(self))
+        if self.cfg.MODEL_EMA.ENABLED:
+            # likewise after the live evaluation and before the writers (engine/ema.py)
+            writers = [i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)]
+            hooks.insert(writers[0] if writers else len(hooks), build_ema_hook(self))
         return hooks
 
     @classmethod

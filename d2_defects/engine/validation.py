@@ -66,7 +66,7 @@ def validate_config(cfg):
     - ``INPUT.COPY_PASTE.CLASSES`` against the training classes;
     - ``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS`` / ``MODEL.SOFT_NMS.*`` values;
     - ``MODEL.FREEZE.SCHEME``;
-    - ``SOLVER.SWA.*`` (when enabled);
+    - ``SOLVER.SWA.*`` and ``MODEL_EMA.*`` (when enabled);
     - ``TEST.AUG.*`` (when ``TEST.AUG.ENABLED``);
     - ``TEST.DEFECT_EVAL.*`` (when enabled), including the class weights against every test dataset.
     """
@@ -77,6 +77,7 @@ def validate_config(cfg):
     from ..modeling.freeze import FREEZE_SCHEMES
     from ..modeling.postprocess import PostprocessParams
     from ..modeling.tta import tta_options
+    from .ema import validate_ema_config
     from .swa import validate_swa_config
 
     if cfg.DATASETS.VALIDATION not in VALIDATION_MODES:
@@ -95,6 +96,7 @@ def validate_config(cfg):
     if cfg.MODEL.FREEZE.SCHEME not in FREEZE_SCHEMES:
         raise ConfigError(f"MODEL.FREEZE.SCHEME must be one of {FREEZE_SCHEMES}, got {cfg.MODEL.FREEZE.SCHEME!r}")
     validate_swa_config(cfg)
+    validate_ema_config(cfg)
     if cfg.TEST.AUG.ENABLED:
         tta_options(cfg)
     if cfg.TEST.DEFECT_EVAL.ENABLED:
@@ -105,4 +107,4 @@ def validate_config(cfg):
             if classes is not None:
                 settings.weights_for(name, len(classes), getattr(meta, "thing_class_weights", None))
     logger.info("Config checked (validate_config): datasets, classes, augmentation, postprocessing, freezing, "
-                "SWA, test-time augmentation and evaluation keys")
+                "SWA, EMA, test-time augmentation and evaluation keys")

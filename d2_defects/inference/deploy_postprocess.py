@@ -63,14 +63,23 @@ def nms(boxes, scores, classes, iou_thresh):
         idx = _by_score(np.flatnonzero(classes == c), scores)
         b = boxes[idx]
         a = _areas(b)
-        alive = np.ones(len(idx), dtype=bool)
-        for i in range(len(idx)):
-            if not alive[i]:
-                continue
-            keep.append(idx[i])
-            rest = np.flatnonzero(alive[i + 1:]) + i + 1
-            if len(rest):
-                alive[rest[_iou(b[i], a[i], b[rest], a[rest]) > iou_thresh]] = False
+        # the class's IoU matrix at once, then one vectorised row operation per kept box
+        w = np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0])
+        h = np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1])
+        inter = np.maximum(w, 0.0) * np.maximum(h, 0.0)
+        union = a[None, :] + a[:, None] - inter
+        # suppress[j, i]: box j (ranked before i) suppresses i if j is kept
+        suppress = np.triu(np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0) > iou_thresh, 1)
+        # greedy NMS as a fixed point: kept[i] = no kept box ranked before i suppresses it. Each round fixes at
+        # least the next box in rank order, and the greedy result is the only fixed point (kept[i] depends only
+        # on boxes ranked before i), so the loop ends with it, after a few rounds of whole-matrix operations
+        kept = np.ones(len(idx), dtype=bool)
+        while True:
+            new = ~(suppress & kept[:, None]).any(axis=0)
+            if np.array_equal(new, kept):
+                break
+            kept = new
+        keep.extend(idx[kept])
     return _by_score(np.asarray(keep, dtype=np.int64), scores)
 
 

@@ -63,6 +63,7 @@ BAD_PLANS = [
     ({"variants": [{"name": "a/b"}]}, "variant 'a/b': a name is letters"),
     ({"variants": [{"name": "a", "overrides": ["SOLVER.MAX_ITER"]}]}, "overrides must be KEY VALUE pairs"),
     ({"variants": [{"name": "a", "result": "swa"}]}, "result: swa needs SOLVER.SWA.ENABLED True"),
+    ({"variants": [{"name": "a", "result": "ema"}]}, "result: ema needs MODEL_EMA.ENABLED True"),
 ]
 
 
@@ -368,6 +369,7 @@ def test_shipped_plan_covers_every_trick():
         "soft_nms linear": lambda c: c.MODEL.SOFT_NMS.ENABLED and c.MODEL.SOFT_NMS.METHOD == "linear",
         "soft_nms gaussian": lambda c: c.MODEL.SOFT_NMS.ENABLED and c.MODEL.SOFT_NMS.METHOD == "gaussian",
         "swa": lambda c: c.SOLVER.SWA.ENABLED,
+        "ema": lambda c: c.MODEL_EMA.ENABLED,
         "dcn": lambda c: any(c.MODEL.RESNETS.DEFORM_ON_PER_STAGE),
         "copy-paste": lambda c: c.INPUT.COPY_PASTE.ENABLED,
         "multi-scale": lambda c: len(c.INPUT.MIN_SIZE_TRAIN) > 1,

@@ -53,7 +53,7 @@ PLAN_KEYS = {"base", "overrides", "seeds", "baseline", "variants", "slurm"}
 VARIANT_KEYS = {"name", "purpose", "config", "from", "eval_only", "overrides", "result", "tune_thresholds"}
 SLURM_KEYS = {"partition", "nodes", "gpus_per_node", "cpus_per_task", "timeout_min", "mem_gb", "constraint",
               "account", "qos"}
-RESULT_KINDS = ("auto", "live", "swa", "tta")
+RESULT_KINDS = ("auto", "live", "swa", "ema", "tta")
 # metrics of the main table: (column, task, key in Detectron2's / DefectEvaluator's results)
 METRICS = [("AP", "bbox", "AP"), ("AP50", "bbox", "AP50"), ("AP75", "bbox", "AP75"), ("APs", "bbox", "APs"),
            ("weighted_mAP", "defect", "weighted_mAP"), ("ACC", "defect", "ACC"), ("score", "defect", "score")]
@@ -253,11 +253,15 @@ def load_plan(path, check_configs=True):
         for var in variants.values():
             cfg = variant_config(plan, var)
             if var.result == "auto":
-                var.result = "swa" if cfg.SOLVER.SWA.ENABLED else "tta" if cfg.TEST.AUG.ENABLED else "live"
+                var.result = ("swa" if cfg.SOLVER.SWA.ENABLED else "ema" if cfg.MODEL_EMA.ENABLED and cfg.MODEL_EMA.EVAL
+                              else "tta" if cfg.TEST.AUG.ENABLED else "live")
             if var.result == "tta" and not cfg.TEST.AUG.ENABLED:
                 raise PlanError(f"{plan.path}: variant {var.name!r}: result: tta needs TEST.AUG.ENABLED True")
             if var.result == "swa" and not cfg.SOLVER.SWA.ENABLED:
                 raise PlanError(f"{plan.path}: variant {var.name!r}: result: swa needs SOLVER.SWA.ENABLED True")
+            if var.result == "ema" and not (cfg.MODEL_EMA.ENABLED and cfg.MODEL_EMA.EVAL):
+                raise PlanError(f"{plan.path}: variant {var.name!r}: result: ema needs MODEL_EMA.ENABLED True "
+                                "and MODEL_EMA.EVAL True")
             if var.tune_thresholds and not cfg.TEST.DEFECT_EVAL.ENABLED:
                 raise PlanError(f"{plan.path}: variant {var.name!r}: tune_thresholds needs "
                                 "TEST.DEFECT_EVAL.ENABLED True")
@@ -633,14 +637,14 @@ def _plan_record(plan):
 def _task_results(results, kind):
     """``{"bbox": {...}, "defect": {...}}`` of the evaluation ``kind`` (live/swa/tta); first test dataset."""
     single = any(k in results for k in ("bbox", "defect")) or any(
-        k.startswith("swa/") or k.endswith("_TTA") for k in results)
+        k.startswith(("swa/", "ema/")) or k.endswith("_TTA") for k in results)
     if results and not single:  # {dataset: {task: ...}}: several test datasets, the first one counts
         results = next(iter(results.values()))
-    if kind == "swa":
-        return {k[4:]: v for k, v in results.items() if k.startswith("swa/")}
+    if kind in ("swa", "ema"):
+        return {k[4:]: v for k, v in results.items() if k.startswith(kind + "/")}
     if kind == "tta":
         return {k[:-4]: v for k, v in results.items() if k.endswith("_TTA")}
-    return {k: v for k, v in results.items() if not k.startswith("swa/")}
+    return {k: v for k, v in results.items() if not k.startswith(("swa/", "ema/"))}
 
 
 def _median_train_time(metrics_path):
@@ -657,7 +661,7 @@ def _median_train_time(metrics_path):
 
 
 def _ap_curve(metrics_path, kind):
-    key = ("swa/" if kind == "swa" else "") + "bbox/AP"
+    key = (kind + "/" if kind in ("swa", "ema") else "") + "bbox/AP"
     curve = {}
     with open(metrics_path) as f:
         for line in f:
@@ -679,7 +683,7 @@ def _inference_time(log_path, kind):
     times = [float(m.group(1)) for m in _INFER_RE.finditer(text)]
     if not times:
         return None
-    return 1000 * (times[-1] if kind in ("swa", "tta") else times[0])
+    return 1000 * (times[-1] if kind in ("swa", "ema", "tta") else times[0])
 
 
 def read_run(out_dir, kind="live"):

@@ -200,6 +200,7 @@ def _add_models_config(cfg):
     _C.MODEL.FREEZE = CN()
     _C.MODEL.FREEZE.SCHEME = "none"  # "none", "backbone", "backbone+fpn", "all_but_heads"
     _C.MODEL.FREEZE.PATTERNS = []  # extra regexes (re.search on parameter names) of parameters to freeze
+    _C.MODEL.FREEZE.UNTIL_ITER = 0  # > 0: frozen only for this many iterations, then trained; 0: for the whole run
 
 
 def _add_tta_config(cfg):

@@ -21,6 +21,7 @@ from ..modeling.postprocess import check_postprocess_keys_used
 from ..utils.report import write_eval_report
 from .ema import build_ema_hook
 from .swa import SWALRMultiplier, build_swa_hook, swa_max_iter
+from .unfreeze import build_unfreeze_hook
 
 __all__ = ["Trainer", "ddp_kwargs", "average_bn_buffers", "BNBufferSync"]
 
@@ -98,6 +99,7 @@ class Trainer(DefaultTrainer):
     - evaluation results are also written to ``OUTPUT_DIR/eval_results.json`` and ``eval_tables.md``;
     - ``SOLVER.SWA.ENABLED``: stochastic weight averaging after the regular schedule (``engine/swa.py``);
     - ``MODEL_EMA.ENABLED``: an exponential moving average of the weights (``engine/ema.py``);
+    - ``MODEL.FREEZE.UNTIL_ITER``: the freezing scheme only for the first iterations (``engine/unfreeze.py``);
     - with several processes, per-process BatchNorm statistics are averaged before every checkpoint and
       evaluation (:class:`BNBufferSync`), so the evaluated model is the saved one.
     """
@@ -149,6 +151,10 @@ class Trainer(DefaultTrainer):
             # before the writers (so that the SWA metrics reach metrics.json)
             writers = [i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)]
             hooks.insert(writers[0] if writers else len(hooks), build_swa_hook(self))
+        unfreeze = build_unfreeze_hook(self)
+        if unfreeze is not None:
+            hooks.insert(0, unfreeze)
+            self._trainer.register_hooks([unfreeze.step_hook()])
         if self.cfg.MODEL_EMA.ENABLED:
             # likewise after the live evaluation and before the writers (engine/ema.py)
             writers = [i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)]
@@ -161,6 +167,8 @@ class Trainer(DefaultTrainer):
         Raises a ValueError naming the key if postprocessing keys are set that the model would ignore."""
         model = super().build_model(cfg)
         check_postprocess_keys_used(cfg, model)
+        if cfg.MODEL.FREEZE.UNTIL_ITER > 0:  # frozen for a while by UnfreezeHook: the optimizer gets everything
+            return model
         _, _, summary = freeze_model(model, cfg.MODEL.FREEZE.SCHEME, list(cfg.MODEL.FREEZE.PATTERNS))
         logging.getLogger("detectron2").info(summary)
         return model

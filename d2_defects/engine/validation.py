@@ -95,6 +95,12 @@ def validate_config(cfg):
     PostprocessParams.from_config(cfg, num_classes=k)
     if cfg.MODEL.FREEZE.SCHEME not in FREEZE_SCHEMES:
         raise ConfigError(f"MODEL.FREEZE.SCHEME must be one of {FREEZE_SCHEMES}, got {cfg.MODEL.FREEZE.SCHEME!r}")
+    until = cfg.MODEL.FREEZE.UNTIL_ITER
+    if not isinstance(until, int) or until < 0:
+        raise ConfigError(f"MODEL.FREEZE.UNTIL_ITER must be an integer >= 0 (iterations), got {until!r}")
+    if until > 0 and cfg.MODEL.FREEZE.SCHEME == "none" and not cfg.MODEL.FREEZE.PATTERNS:
+        raise ConfigError(f"MODEL.FREEZE.UNTIL_ITER is {until} but nothing is frozen: set MODEL.FREEZE.SCHEME "
+                          "(or MODEL.FREEZE.PATTERNS)")
     validate_swa_config(cfg)
     validate_ema_config(cfg)
     if cfg.TEST.AUG.ENABLED:

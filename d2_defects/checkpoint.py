@@ -11,7 +11,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .utils.errors import CheckpointError
 
-__all__ = ["CheckpointError", "DefectCheckpointer", "load_pkl_weights", "PKL_ALLOWED_GLOBALS", "check_loaded_keys"]
+__all__ = ["CheckpointError", "DefectCheckpointer", "load_pkl_weights", "PKL_ALLOWED_GLOBALS", "check_loaded_keys",
+           "loading_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,39 @@ def check_loaded_keys(model, filename, loaded, unused, ignored=("pixel_mean", "p
             f"this model (MODEL.META_ARCHITECTURE {type(model).__name__}), or a backbone-only checkpoint"
         )
     logger.info(f"{filename}: backbone-only checkpoint; {', '.join(empty)} start from random initialisation")
+
+
+def _module_of(key):
+    parts = key.split(".")
+    if parts[0] == "backbone" and len(parts) > 2:
+        return "backbone.bottom_up" if parts[1] == "bottom_up" else "backbone (FPN)"
+    if parts[0] == "roi_heads" and len(parts) > 2:
+        return f"roi_heads.{parts[1]}"
+    return parts[0]
+
+
+def loading_table(model, loaded, incorrect_shapes, unused):
+    """
+    One compact table of a checkpoint load, per module of ``model``: tensors loaded, skipped because their
+    shape differs (Detectron2 loads nothing of those: no reshaping; ``tools/convert_weights.py`` converts
+    class counts and cascade stages), and missing from the file (random init); then the file's tensors that
+    fit no key of the model.
+    """
+    keys = [k for k in model.state_dict()
+            if k not in ("pixel_mean", "pixel_std") and not k.endswith("num_batches_tracked")]
+    skipped = {k for k, *_ in incorrect_shapes}
+    rows = {}
+    for k in keys:
+        r = rows.setdefault(_module_of(k), [0, 0, 0])
+        r[0 if k in loaded else 1 if k in skipped else 2] += 1
+    width = max([len(m) for m in rows] + [6])
+    lines = [f"{'module':<{width}}  loaded  skipped (shape)  missing"]
+    lines += [f"{m:<{width}}  {a:>6}  {b:>15}  {c:>7}" for m, (a, b, c) in rows.items()]
+    n_unused = unused if isinstance(unused, int) else len(unused)
+    shown = "" if isinstance(unused, int) or not unused else f": {', '.join(sorted(unused)[:5])}" + \
+        (", ..." if n_unused > 5 else "")
+    lines.append(f"tensors of the file that fit no key of the model: {n_unused}{shown}")
+    return "\n".join(lines)
 
 
 def _atomic_write(path, write_fn, mode="wb"):
@@ -233,5 +267,7 @@ class DefectCheckpointer(DetectionCheckpointer):
             unused = max(0, n_file - len(loaded) - len(incompatible.incorrect_shapes))
         else:
             unused = list(incompatible.unexpected_keys)
+        self.logger.info(f"Loaded {self._loading_file}:\n" + loading_table(
+            self.model, loaded, incompatible.incorrect_shapes, unused))
         check_loaded_keys(self.model, self._loading_file, loaded, unused)
         return incompatible

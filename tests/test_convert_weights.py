@@ -217,3 +217,37 @@ def test_tool_num_classes_end_to_end_and_errors(tmp_path):
     proc = subprocess.run([sys.executable, TOOL, "--from", "torchvision", str(bad), str(tmp_path / "o2.pth")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and str(bad) in proc.stderr
+
+
+def test_loading_logs_one_table_per_module(tmp_path):
+    import logging
+
+    from d2_defects.checkpoint import DefectCheckpointer
+
+    four = build_model(load_config(os.path.join(ROOT, "configs", "synthetic", "cascade_4stage_r18_cpu.yaml"),
+                                   ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", "3"]))
+    three = build_model(load_config(SMALL_CONFIG, ["MODEL.DEVICE", "cpu"]))
+    path = tmp_path / "three.pth"
+    torch.save({"model": three.state_dict()}, path)
+    records = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    ckpt = DefectCheckpointer(four)
+    handler = _Keep()
+    ckpt.logger.addHandler(handler)
+    ckpt.logger.setLevel(logging.INFO)
+    try:
+        ckpt.load(str(path))
+    finally:
+        ckpt.logger.removeHandler(handler)
+    table = [r for r in records if r.startswith(f"Loaded {path}")]
+    assert len(table) == 1
+    rows = {l.split("  ")[0].strip(): [int(x) for x in l.split()[-3:]] for l in table[0].splitlines()[2:-1]}
+    n_bb = len([k for k in four.state_dict() if k.startswith("backbone.bottom_up.") and "num_batches" not in k])
+    assert rows["backbone.bottom_up"] == [n_bb, 0, 0]
+    # 3 stages of box predictors fit by name but not by shape (6 vs 3 classes); the 4th stage is missing
+    loaded, skipped, missing = rows["roi_heads.box_predictor"]
+    assert skipped == 6 and missing == 4 and loaded == 6  # cls_score w+b of 3 stages; bbox_pred of 3; stage 4

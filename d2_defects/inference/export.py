@@ -14,6 +14,8 @@ The exporter is ``torch.jit.trace`` / the TorchScript-based ``torch.onnx.export(
 ``torch.export`` (and so the dynamo-based ONNX exporter) stops at data-dependent branches inside Detectron2
 (``if not valid_mask.all()`` in ``find_top_rpn_proposals``, ``numel() == 0`` checks in FCOS decoding), which a
 plugin cannot change. OpenVINO models are converted from the ONNX graph (``openvino.convert_model``).
+torch 2.14 marks ``torch.jit.trace`` / ``torch.jit.load`` deprecated; their warnings are silenced here, since
+no supported exporter handles these models yet (the parity check guards the result).
 """
 import contextlib
 import dataclasses
@@ -279,7 +281,9 @@ class ExportedModel:
         self.postprocess = _load_module(os.path.join(output_dir, "postprocess.py"))
         self.outputs = self.info["outputs"]
         if fmt == "torchscript":
-            self._module = torch.jit.load(self.path)
+            with warnings.catch_warnings():  # deprecated in torch 2.14, see the module docstring
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+                self._module = torch.jit.load(self.path)
         elif fmt == "onnx":
             import onnxruntime as ort
 

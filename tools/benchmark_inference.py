@@ -12,7 +12,7 @@ Each backend times the same work: an image already resized to the test size in, 
 (post-processing included). Backends take turns image by image, so machine noise hits them alike. Images
 are random noise; without MODEL.WEIGHTS the model is randomly initialised (fine for timing: detections are
 capped by TEST.DETECTIONS_PER_IMAGE either way). Eager runs on MODEL.DEVICE, the exported runtimes on CPU.
-See docs/deploy.md.
+Exit code 1 when a parity check fails (the row says why), 2 for a usage error. See docs/deploy.md.
 """
 import argparse
 import os
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per size before timing (default 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch, ONNX Runtime and OpenVINO (default: each library's own)")
-    p.add_argument("--export-dir", default=None, help="keep the exported models here (default: a temporary folder)")
+    p.add_argument("--export-dir", default=None, help="keep the exported models here, replaced on every run (default: a temporary folder)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-backend peak memory processes")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)

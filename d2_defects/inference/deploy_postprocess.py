@@ -63,7 +63,7 @@ def nms(boxes, scores, classes, iou_thresh):
         idx = _by_score(np.flatnonzero(classes == c), scores)
         b = boxes[idx]
         a = _areas(b)
-        # the class's IoU matrix at once, then one vectorised row operation per kept box
+        # the IoU matrix of the class at once (same arithmetic as torchvision.ops.box_iou, in float64)
         w = np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0])
         h = np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1])
         inter = np.maximum(w, 0.0) * np.maximum(h, 0.0)

@@ -251,3 +251,34 @@ def test_loading_logs_one_table_per_module(tmp_path):
     # 3 stages of box predictors fit by name but not by shape (6 vs 3 classes); the 4th stage is missing
     loaded, skipped, missing = rows["roi_heads.box_predictor"]
     assert skipped == 6 and missing == 4 and loaded == 6  # cls_score w+b of 3 stages; bbox_pred of 3; stage 4
+
+
+def test_finetune_from_a_checkpoint_with_another_class_list(synthetic_root, tmp_path):
+    """The synthetic fine-tuning path: a 4-class run -> converted by class name -> 6-class fine-tuning that
+    freezes the backbone for its first iteration (configs/synthetic/finetune_from_4class_r18_cpu.yaml)."""
+    import shutil
+
+    from conftest import TINY_OPTS, run_train_net
+
+    manifest = os.path.join(synthetic_root, "synthetic_4class.yaml")
+    shutil.copy(os.path.join(ROOT, "datasets", "synthetic_4class.yaml"), manifest)
+    four = tmp_path / "four"
+    run_train_net(["--config-file", os.path.join(ROOT, "configs", "synthetic", "cascade_r18_4class_cpu.yaml"),
+                   *TINY_OPTS, "SOLVER.MAX_ITER", "2", "DATASETS.MANIFEST", manifest, "OUTPUT_DIR", str(four)],
+                  synthetic_root)
+    converted = tmp_path / "six.pth"
+    env = dict(os.environ, DETECTRON2_DATASETS=synthetic_root)
+    proc = subprocess.run([sys.executable, TOOL, "--from", "detectron2", str(four / "model_final.pth"), str(converted),
+                           "--old-dataset", "synthetic4_train", "--new-dataset", "synthetic_defects_train",
+                           "--manifest", manifest], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "classes 4 -> 6" in proc.stdout and "0 (scratch) -> 0 (scratch)" in proc.stdout
+    six = tmp_path / "six"
+    run_train_net(["--config-file", os.path.join(ROOT, "configs", "synthetic", "finetune_from_4class_r18_cpu.yaml"),
+                   *TINY_OPTS, "SOLVER.MAX_ITER", "2", "MODEL.FREEZE.UNTIL_ITER", "1", "MODEL.WEIGHTS", str(converted),
+                   "OUTPUT_DIR", str(six)], synthetic_root)
+    log = (six / "log.txt").read_text()
+    table = log[log.index(f"Loaded {converted}"):].split("tensors of the file")[0]
+    row = [l for l in table.splitlines() if l.startswith("roi_heads.box_predictor")][0]
+    assert [int(x) for x in row.split()[-3:]][1:] == [0, 0]  # every predictor tensor loaded, none skipped
+    assert "train from iteration 1 on" in log

@@ -8,7 +8,8 @@
         --config-file configs/gpu/cascade_convnext_tiny_FPN_1x.yaml
     # a detector checkpoint -> another class list and/or another number of cascade stages
     python tools/convert_weights.py --from detectron2 output/a/model_final.pth init.pth --num-classes 4 \
-        --class-map scratch:scratch,crack:crack --old-dataset synthetic_defects_train --new-dataset my_train
+        --class-map scratch:scratch,crack:crack --old-dataset synthetic_defects_train --new-dataset my_train \
+        --manifest my_datasets.yaml
     python tools/convert_weights.py --from detectron2 model_final.pth init_4stage.pth --stages 4
 
 The output holds only the model weights ({"model": ...}; optimizer, scheduler and iteration are dropped), so
@@ -50,6 +51,7 @@ def parse_args(argv=None):
                         "(default: by name when both datasets are given, else old class i -> new class i)")
     p.add_argument("--old-dataset", default="", help="registered dataset the checkpoint was trained on (names)")
     p.add_argument("--new-dataset", default="", help="registered dataset the new model trains on (names)")
+    p.add_argument("--manifest", default="", help="datasets manifest (YAML) that registers --old/--new-dataset")
     p.add_argument("--stages", type=int, default=None, help="detectron2: number of cascade stages of the new model")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE) for --config-file")
@@ -69,6 +71,10 @@ def convert(args):
     if os.path.exists(args.output) and not args.overwrite:
         raise OutputExistsError(f"{args.output} exists; pass --overwrite to replace it")
     sd, _ = read_state_dict(args.input)
+    if args.manifest:
+        from d2_defects.data import register_manifest
+
+        register_manifest(args.manifest)
     lines = []
     if args.source == "torchvision":
         prefix = "backbone.bottom_up." if args.prefix is None else args.prefix

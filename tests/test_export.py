@@ -270,3 +270,15 @@ def test_benchmark_backends_table(tmp_path):
     assert len(table) == 2 + len(rows) and table[-2].startswith("| onnxruntime | 160x120 | 128x96 |")
     with pytest.raises(ValueError, match="unknown backend"):
         benchmark_backends(cfg, ["eager", "tensorrt"])
+
+
+def test_export_tool_parity_failure_is_one_error_line(models, tmp_path):
+    """ONNX Runtime differs from eager by ~1e-5 px: with zero tolerances the parity check must fail."""
+    cfg, model = models["cascade"]
+    DefectCheckpointer(model, save_dir=str(tmp_path)).save("model_random")
+    proc = _run_export_tool(["--config-file", CONFIGS["cascade"], "--output", tmp_path / "export", "--format", "onnx",
+                             "--num-samples", "2", "--atol", "0", "--score-atol", "0", *TINY_OPTS,
+                             "MODEL.WEIGHTS", tmp_path / "model_random.pth"])
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "differs from the eager model on sample 0" in errors[0] and "within 0.0 px / score 0.0" in errors[0]

@@ -16,7 +16,8 @@ from d2_defects.checkpoint import DefectCheckpointer
 from d2_defects.engine.launch import load_config
 from d2_defects.inference import deploy_postprocess
 from d2_defects.inference.export import (
-    FORMATS, ExportError, check_parity, compare_detections, export_model, load_exported, load_samples,
+    FORMATS, ExportError, check_exportable, check_parity, compare_detections, export_model, load_exported,
+    load_samples,
 )
 from d2_defects.modeling.postprocess import PostprocessParams, select_detections
 
@@ -206,6 +207,23 @@ def test_missing_runtime_package_is_named(models, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="needs the openvino package"):
         export_model(model, _images(cfg)[0], str(tmp_path), "openvino")
     assert not (tmp_path / "model.xml").exists()
+
+
+def test_settings_that_cannot_be_exported_name_the_key(tmp_path):
+    with pytest.raises(ExportError, match="TEST.AUG.ENABLED"):
+        check_exportable(load_config(CONFIGS["cascade"], TINY_OPTS + ["TEST.AUG.ENABLED", "True"]))
+    with pytest.raises(ExportError, match="MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD=0.2"):
+        check_exportable(load_config(CONFIGS["defect_rcnn"], TINY_OPTS + ["MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD", "0.2"]))
+    check_exportable(load_config(CONFIGS["defect_rcnn"], TINY_OPTS))
+    # deformable convolutions trace (TorchScript) but have no ONNX symbolic: one clear reason
+    cfg, model = _model("cascade", "MODEL.BACKBONE.NAME", "build_resnet_dcn_fpn_backbone",
+                        "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, False, True, True]")
+    image = _images(cfg)[0]
+    with pytest.raises(ExportError, match=r"^cannot export GeneralizedRCNN to ONNX: deformable convolutions .* "
+                                          r"use --format torchscript$"):
+        export_model(model, image, str(tmp_path / "onnx"), "onnx")
+    export_model(model, image, str(tmp_path / "ts"), "torchscript")
+    check_parity(model, load_exported(str(tmp_path / "ts"), "torchscript"), [image])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,12 +42,18 @@ def run(args):
     from detectron2.modeling import build_model
 
     from d2_defects.checkpoint import DefectCheckpointer
-    from d2_defects.inference.export import check_parity, export_model, load_exported, load_samples, output_files
+    from d2_defects.inference.export import (
+        check_exportable, check_parity, export_model, load_exported, load_samples, output_files,
+    )
     from d2_defects.inference.io import check_can_write
 
     cfg = load_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:
         raise UserError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
+    try:
+        check_exportable(cfg)
+    except ExportError as e:
+        raise UserError(f"{e} ({args.config_file})") from None
     if cfg.MODEL.DEVICE != "cpu":
         cfg.defrost()
         cfg.MODEL.DEVICE = "cpu"  # the runtimes of the exported files run on CPU; so does the traced graph

@@ -38,7 +38,7 @@ from ..modeling.postprocess import PostprocessParams
 
 __all__ = [
     "FORMATS", "MODEL_FILES", "ExportError", "export_model", "load_exported", "ExportedModel",
-    "compare_detections", "check_parity", "deferred_postprocess", "load_samples", "output_files",
+    "compare_detections", "check_parity", "deferred_postprocess", "load_samples", "output_files", "check_exportable",
 ]
 
 FORMATS = ("torchscript", "onnx", "openvino")
@@ -51,6 +51,21 @@ _PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
 class ExportError(RuntimeError):
     """A model or setting that cannot be exported, a missing runtime package, or a failed parity check; the
     message is one line naming the reason."""
+
+
+def check_exportable(cfg):
+    """
+    Raise :class:`ExportError` naming the key for settings the exported graph cannot reproduce (checked before
+    the model is built): test-time augmentation, and DefectRCNN's per-image skipping of the heads.
+    """
+    if cfg.TEST.AUG.ENABLED:
+        raise ExportError("TEST.AUG.ENABLED: test-time augmentation is not part of the exported graph; export "
+                          "with TEST.AUG.ENABLED False (the parity check compares plain inference)")
+    if cfg.MODEL.META_ARCHITECTURE == "DefectRCNN" and cfg.MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD > 0:
+        raise ExportError(
+            f"cannot trace DefectRCNN: MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD={cfg.MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD}"
+            " skips the heads per image (data-dependent); export with 0 and apply the threshold to the exported "
+            "defect_score")
 
 
 def output_files(output_dir, fmt):
@@ -200,7 +215,11 @@ def _export_onnx(flat, image, path, names):
             torch.onnx.export(flat, (image,), path, opset_version=ONNX_OPSET, dynamo=False, input_names=["image"],
                               output_names=names, dynamic_axes=dynamic)
     except (RuntimeError, ValueError, TypeError, AssertionError, torch.onnx.errors.OnnxExporterError) as e:
-        raise ExportError(f"cannot export {type(flat.model).__name__} to ONNX: {_first_line(e)}") from None
+        reason = _first_line(e)
+        if "deform_conv2d" in reason:
+            reason = ("deformable convolutions (MODEL.RESNETS.DEFORM_ON_PER_STAGE) have no ONNX export in this torch; "
+                      "use --format torchscript")
+        raise ExportError(f"cannot export {type(flat.model).__name__} to ONNX: {reason}") from None
 
 
 def _convert_openvino(onnx_path, xml_path):

@@ -152,3 +152,18 @@ def test_train_net_with_ema_writes_evaluates_and_checkpoints_it(synthetic_root, 
     assert differs  # an average, not a copy of the live weights
     metrics = [json.loads(l) for l in (out / "metrics.json").read_text().splitlines()]
     assert any("ema/bbox/AP" in m for m in metrics)
+
+
+def test_ema_with_swa_and_two_processes(synthetic_root, tmp_path):
+    """Two CPU processes (gloo), EMA next to SWA: one writer, every rank evaluates the same average."""
+    out = tmp_path / "ddp"
+    run_train_net(["--config-file", SMALL_CONFIG, "--num-gpus", "2", "--dist-url", "auto", *TINY_OPTS, *DS,
+                   "SOLVER.MAX_ITER", "2", "SOLVER.SWA.ENABLED", "True", "SOLVER.SWA.NUM_CYCLES", "2",
+                   "SOLVER.SWA.CYCLE_ITERS", "1", "SOLVER.SWA.BN_UPDATE_ITERS", "1", "MODEL_EMA.ENABLED", "True",
+                   "MODEL_EMA.WARMUP_ITERS", "0", "MODEL_EMA.DECAY", "0.5", "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+                   "0.001", "OUTPUT_DIR", str(out)], synthetic_root)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert {"bbox", "swa/bbox", "ema/bbox"} <= set(results)
+    ema = torch.load(out / "model_ema.pth", weights_only=True)
+    assert ema["num_updates"] == 4  # the 2 regular and 2 SWA iterations
+    assert not list(out.glob("*.tmp-*"))

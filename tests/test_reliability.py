@@ -601,6 +601,12 @@ def test_convert_dataset_validates_like_training(tmp_path):
     assert all(isinstance(a["category_id"], int) for a in coco["annotations"])
     assert "img_c.png" not in {i["file_name"] for i in coco["images"]} and len(coco["images"]) == 4
     assert not any("_source" in i for i in coco["images"])
+    # split_dataset reads its input through the same checks
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "split_dataset.py"), "--format", "voc", "--annotations", str(ann),
+         "--images", str(tmp_path / "IMAGES"), "--classes", *H.CLASSES, "--output-dir", str(tmp_path / "splits")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown class 'dirt'" in proc.stderr and not (tmp_path / "splits").exists()
 
 
 def test_ambiguous_image_names_are_reported_with_both_files(tmp_path):

@@ -374,15 +374,10 @@ def _run_logged(cmd, log_path, env, cpus):
 
 def _last_iteration(out_dir):
     path = os.path.join(out_dir, "metrics.json")
-    last = None
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    last = max(last or 0, int(json.loads(line)["iteration"]))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    continue
-    return last
+    if not os.path.isfile(path):
+        return None
+    its = [int(rec["iteration"]) for rec in _json_lines(path) if isinstance(rec.get("iteration"), int)]
+    return max(its) if its else None
 
 
 def _failure_reason(output, out_dir):
@@ -647,30 +642,25 @@ def _task_results(results, kind):
     return {k: v for k, v in results.items() if not k.startswith(("swa/", "ema/"))}
 
 
-def _median_train_time(metrics_path):
-    times = []
-    with open(metrics_path) as f:
+def _json_lines(path):
+    """The records of a JSON-lines file (Detectron2's metrics.json); lines that do not parse are skipped."""
+    with open(path) as f:
         for line in f:
             try:
-                rec = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if "time" in rec and "total_loss" in rec:
-                times.append(rec["time"])
+
+
+def _median_train_time(metrics_path):
+    times = [rec["time"] for rec in _json_lines(metrics_path) if "time" in rec and "total_loss" in rec]
     return float(np.median(times)) if times else None
 
 
 def _ap_curve(metrics_path, kind):
     key = (kind + "/" if kind in ("swa", "ema") else "") + "bbox/AP"
-    curve = {}
-    with open(metrics_path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if key in rec and "iteration" in rec:
-                curve[int(rec["iteration"])] = float(rec[key])
+    curve = {int(rec["iteration"]): float(rec[key]) for rec in _json_lines(metrics_path)
+             if key in rec and "iteration" in rec}
     return sorted(curve.items())
 
 

@@ -217,6 +217,9 @@ def grid(synthetic_root, tmp_path_factory):
         {"name": "cascade", "purpose": "tiny cascade"},
         {"name": "same", "purpose": "re-evaluation of cascade", "from": "cascade", "eval_only": True},
         {"name": "boom", "purpose": "diverges", "overrides": {"SOLVER.BASE_LR": 1.0e8}},
+        {"name": "thr", "purpose": "tuned thresholds", "from": "cascade", "eval_only": True, "tune_thresholds": True},
+        {"name": "tta", "purpose": "flip TTA", "from": "cascade", "eval_only": True,
+         "overrides": {"TEST.AUG.ENABLED": True, "TEST.AUG.MIN_SIZES": "(96,)", "TEST.AUG.FLIP": True}},
     ])
     out = tmp / "out"
     proc = run_tool(["--plan", plan, "--output", out, "--jobs", "2"], synthetic_root)
@@ -225,7 +228,7 @@ def grid(synthetic_root, tmp_path_factory):
 
 def test_grid_runs_every_seed_and_writes_the_logbook(grid):
     plan, out, proc = grid
-    for v in ("cascade", "same", "boom"):
+    for v in ("cascade", "same", "boom", "thr", "tta"):
         for s in (0, 1):
             st = json.loads((out / v / f"seed{s}" / ablation.STATUS_FILE).read_text())
             assert st["seed"] == s and st["variant"] == v
@@ -233,8 +236,25 @@ def test_grid_runs_every_seed_and_writes_the_logbook(grid):
     # the seed reaches the run
     assert yaml.safe_load((out / "cascade" / "seed1" / "config.yaml").read_text())["SEED"] == 1
     md = (out / "logbook.md").read_text()
-    assert "6 of 6 runs finished" in md and "(partial)" not in md
-    assert "logbook.md (6/6 runs finished)" in proc.stdout
+    assert "10 of 10 runs finished" in md and "(partial)" not in md
+    assert "logbook.md (10/10 runs finished)" in proc.stdout
+
+
+def test_tuned_thresholds_and_tta_variants(grid):
+    _, out, _ = grid
+    rows = {r["name"]: r for r in json.loads((out / "logbook.json").read_text())["rows"]}
+    for s in (0, 1):
+        st = json.loads((out / "thr" / f"seed{s}" / ablation.STATUS_FILE).read_text())
+        assert st["status"] == "ok", st
+        thresholds = yaml.safe_load(st["command"][st["command"].index("MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS") + 1])
+        assert len(thresholds) == 6 and all(t >= 0.001 for t in thresholds)  # tuned, never below the model's
+        cfg = yaml.safe_load((out / "thr" / f"seed{s}" / "config.yaml").read_text())
+        assert cfg["MODEL"]["ROI_HEADS"]["SCORE_THRESH_PER_CLASS"] == thresholds
+    # the TTA row reports the TTA evaluation, not the plain one written next to it
+    assert rows["tta"]["result"] == "tta"
+    for s in (0, 1):
+        tta = json.loads((out / "tta" / f"seed{s}" / "eval_tta_results.json").read_text())["bbox_TTA"]["AP"]
+        assert rows["tta"]["stats"]["AP"]["values"][str(s)] == pytest.approx(tta)
 
 
 def test_diverged_run_is_a_row_and_the_grid_goes_on(grid):

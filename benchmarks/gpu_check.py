@@ -155,7 +155,7 @@ def check_train_step(device, sizes):
                          detail=f"{times[amp] * 1e3:.0f} ms/step, batch {sizes['train_batch']} of "
                                 f"{sizes['train_max']}x{sizes['train_size']}; losses "
                                 + (f"NON-FINITE: {sorted(nonfinite)}" if nonfinite else f"finite ({len(seen)} terms)")))
-        del model, opt
+        model = opt = None  # free the device memory before the next model
     rows.append(dict(check="(b) AMP / fp32 train step time", ok=True, detail=f"{times[True] / times[False]:.2f}x"))
     return rows
 
@@ -183,7 +183,7 @@ def check_inference(device, sizes):
         t = _median_time(infer, device, sizes["repeats"], sizes["warmup"])
         rows.append(dict(check=f"(c) inference {os.path.basename(path)}", ok=True,
                          detail=f"{t * 1e3:.1f} ms/image at {sizes['test_max']}x{sizes['test_size']} ({n} detections)"))
-        del model
+        model = None
     return rows
 
 

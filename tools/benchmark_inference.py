@@ -19,10 +19,9 @@ import os
 import sys
 
 import d2_defects  # noqa: F401  registers models
-from d2_defects.checkpoint import CheckpointError
-from d2_defects.engine.launch import UserError, load_config
+from d2_defects.config import load_config
 from d2_defects.inference.benchmark import BACKENDS
-from d2_defects.inference.export import ExportError
+from d2_defects.utils.errors import ConfigError, DefectsError, UsageError, run_cli
 
 
 def parse_args(argv=None):
@@ -45,9 +44,9 @@ def _size(s):
     try:
         w, h = (int(v) for v in s.lower().split("x"))
     except ValueError:
-        raise UserError(f"--sizes: expected WxH like 512x384, got {s!r}") from None
+        raise UsageError(f"--sizes: expected WxH like 512x384, got {s!r}") from None
     if w <= 0 or h <= 0:
-        raise UserError(f"--sizes: sizes must be positive, got {s!r}")
+        raise UsageError(f"--sizes: sizes must be positive, got {s!r}")
     return w, h
 
 
@@ -57,19 +56,21 @@ def run(args):
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
-        raise UserError(f"--backends: unknown {unknown}, expected some of {','.join(BACKENDS)}")
+        raise UsageError(f"--backends: unknown {unknown}, expected some of {','.join(BACKENDS)}")
     if args.iters < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        raise UserError("--iters and --threads must be >= 1, --warmup >= 0")
+        raise UsageError("--iters and --threads must be >= 1, --warmup >= 0")
     sizes = [_size(s) for s in args.sizes]
     cfg = load_config(args.config_file, args.opts)
     if cfg.TEST.AUG.ENABLED:
-        raise UserError("TEST.AUG.ENABLED: this table times plain inference (TTA cost: benchmarks/inference_tta.py)")
+        raise UsageError("TEST.AUG.ENABLED: this table times plain inference (TTA cost: benchmarks/inference_tta.py)")
     load_before = os.getloadavg()[0]
     try:
         rows = benchmark_backends(cfg, backends, sizes, iters=args.iters, warmup=args.warmup, threads=args.threads,
                                   export_dir=args.export_dir, memory=not args.no_memory)
+    except DefectsError:
+        raise
     except ValueError as e:  # config values checked when the model is built
-        raise UserError(f"config error: {e}") from None
+        raise ConfigError(str(e)) from None
     import torch
 
     print(f"\n{args.config_file} ({'MODEL.WEIGHTS' if cfg.MODEL.WEIGHTS else 'random init'}), eager on "
@@ -85,12 +86,8 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, ExportError, CheckpointError, FileNotFoundError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+    """Exit code: 0; 1 when a parity check failed; 2 after one ``ERROR:`` line for bad input."""
+    return run_cli(run, parse_args(argv), exit=False)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import argparse
 import sys
 
 import d2_defects  # noqa: F401  registers models
-from d2_defects.checkpoint import CheckpointError
-from d2_defects.engine.launch import UserError, load_config
+from d2_defects.config import load_config
 from d2_defects.inference.export import FORMATS, ExportError
+from d2_defects.utils.errors import ConfigError, DefectsError, UsageError, run_cli
 
 
 def parse_args(argv=None):
@@ -49,11 +49,11 @@ def run(args):
 
     cfg = load_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:
-        raise UserError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
+        raise UsageError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
     try:
         check_exportable(cfg)
     except ExportError as e:
-        raise UserError(f"{e} ({args.config_file})") from None
+        raise ExportError(f"{e} ({args.config_file})") from None
     if cfg.MODEL.DEVICE != "cpu":
         cfg.defrost()
         cfg.MODEL.DEVICE = "cpu"  # the runtimes of the exported files run on CPU; so does the traced graph
@@ -61,8 +61,10 @@ def run(args):
     check_can_write(output_files(args.output, args.format), args.overwrite)
     try:
         model = build_model(cfg)
+    except DefectsError:
+        raise
     except ValueError as e:  # config values checked when the model is built
-        raise UserError(f"config error: {e}") from None
+        raise ConfigError(str(e)) from None
     DefectCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     samples = load_samples(cfg, args.sample_images, args.num_samples)
@@ -71,7 +73,7 @@ def run(args):
     try:
         files = export_model(model, samples[0], args.output, args.format, meta=meta)
     except ExportError as e:
-        raise UserError(f"{e} ({args.config_file}, --format {args.format})") from None
+        raise ExportError(f"{e} ({args.config_file}, --format {args.format})") from None
     report = check_parity(model, load_exported(args.output, args.format), samples, args.atol, args.score_atol)
     print(f"wrote {', '.join(files)}")
     print(f"parity of {args.format} + postprocess.py with the eager model on {len(samples)} images: max box "
@@ -80,12 +82,8 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, ExportError, CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+    """Exit code: 0, or 2 after one ``ERROR:`` line for bad input (other errors keep their traceback)."""
+    return run_cli(run, parse_args(argv), exit=False)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from ..modeling.postprocess import PostprocessParams
+from ..utils.errors import DefectsError
 
 __all__ = [
     "FORMATS", "MODEL_FILES", "ExportError", "export_model", "load_exported", "ExportedModel",
@@ -48,9 +49,9 @@ ONNX_OPSET = 17
 _PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
 
 
-class ExportError(RuntimeError):
+class ExportError(DefectsError, RuntimeError):
     """A model or setting that cannot be exported, a missing runtime package, or a failed parity check; the
-    message is one line naming the reason."""
+    message is one line naming the reason (the tools report it as one ``ERROR:`` line, exit code 2)."""
 
 
 def check_exportable(cfg):

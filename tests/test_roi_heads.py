@@ -101,6 +101,14 @@ def test_cascade_parity_with_stock_head(batches, loss_type):
     assert_same_training_and_inference(stock, ours, batches[0])
 
 
+def test_four_stage_cascade_parity_with_stock_head(batches):
+    """4 stages (IoU 0.5-0.8): the stage loop and the score average over stages are the stock ones."""
+    stock, ours = stock_and_ours([], "CascadeROIHeads", "DefectCascadeROIHeads",
+                                 config=os.path.join(SYN, "cascade_4stage_r18_cpu.yaml"))
+    assert ours.roi_heads.num_cascade_stages == 4
+    assert_same_training_and_inference(stock, ours, batches[0])
+
+
 @pytest.mark.parametrize("loss_type", ["smooth_l1"])
 def test_standard_parity_with_stock_head(batches, loss_type):
     opts = ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "False", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", loss_type]

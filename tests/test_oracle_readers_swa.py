@@ -1,5 +1,6 @@
-"""Oracles the earlier tests left open: the VOC reader against Detectron2's load_voc_instances, and SWA's BatchNorm
-recompute against torch.optim.swa_utils.update_bn on the same batches."""
+"""Oracles the earlier tests left open: the VOC reader against Detectron2's load_voc_instances, SWA's BatchNorm
+recompute against the population statistics (and torch.optim.swa_utils.update_bn), and two CPU processes holding
+the same weights after training."""
 import os
 
 import numpy as np
@@ -76,3 +77,47 @@ def test_swa_bn_recompute_gives_population_statistics():
         assert torch.allclose(ref[i].running_mean, ours[i].running_mean, atol=1e-5)
         per_batch = torch.stack([v.transpose(0, 1).reshape(v.shape[1], -1).var(1, unbiased=True) for v in xs])
         assert torch.allclose(ref[i].running_var, per_batch.mean(0), rtol=1e-4)
+
+
+RANK_SCRIPT = '''
+import sys
+import torch
+from detectron2.engine import launch
+from detectron2.utils import comm
+import d2_defects  # noqa: F401
+from d2_defects.engine.launch import load_config
+from d2_defects.engine.swa import unwrap_model
+from d2_defects.engine.trainer import Trainer
+
+def main(out, opts):
+    cfg = load_config(sys.argv[2], opts)
+    cfg.freeze()
+    trainer = Trainer(cfg)
+    trainer.train()
+    torch.save(unwrap_model(trainer.model).state_dict(), f"{out}/rank{comm.get_rank()}.pth")
+
+if __name__ == "__main__":
+    launch(main, 2, dist_url="auto", args=(sys.argv[1], sys.argv[3:]))
+'''
+
+
+def test_two_cpu_processes_keep_the_weights_synchronised(synthetic_root, tmp_path):
+    """DDP on CPU (gloo): after a few steps on different batches, both ranks hold the same parameters."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SMALL_CONFIG, TINY_OPTS
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    opts = [*TINY_OPTS, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1000", "DATASETS.TRAIN",
+            "('synthetic_defects_train',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")]
+    env = dict(os.environ, DETECTRON2_DATASETS=synthetic_root, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), SMALL_CONFIG, *opts], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1))
+    params = [k for k in r0 if "running" not in k and "num_batches" not in k]
+    assert params
+    for k in params:
+        assert torch.equal(r0[k], r1[k]), k

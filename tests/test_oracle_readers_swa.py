@@ -3,7 +3,6 @@ recompute against the population statistics (and torch.optim.swa_utils.update_bn
 the same weights after training."""
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

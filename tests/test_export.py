@@ -215,15 +215,32 @@ def test_settings_that_cannot_be_exported_name_the_key(tmp_path):
     with pytest.raises(ExportError, match="MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD=0.2"):
         check_exportable(load_config(CONFIGS["defect_rcnn"], TINY_OPTS + ["MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD", "0.2"]))
     check_exportable(load_config(CONFIGS["defect_rcnn"], TINY_OPTS))
-    # deformable convolutions trace (TorchScript) but have no ONNX symbolic: one clear reason
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_deformable_convs(fmt, tmp_path):
+    """DCNv2 backbone: TorchScript and ONNX (DeformConv, opset 19) keep parity; OpenVINO is a clear error."""
     cfg, model = _model("cascade", "MODEL.BACKBONE.NAME", "build_resnet_dcn_fpn_backbone",
-                        "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, False, True, True]")
-    image = _images(cfg)[0]
-    with pytest.raises(ExportError, match=r"^cannot export GeneralizedRCNN to ONNX: deformable convolutions .* "
-                                          r"use --format torchscript$"):
-        export_model(model, image, str(tmp_path / "onnx"), "onnx")
-    export_model(model, image, str(tmp_path / "ts"), "torchscript")
-    check_parity(model, load_exported(str(tmp_path / "ts"), "torchscript"), [image])
+                        "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, False, True, True]",
+                        "MODEL.RESNETS.DEFORM_MODULATED", "True")
+    for m in model.modules():  # non-zero offsets and masks, so that the deformation is exercised
+        if hasattr(m, "conv_offset"):
+            torch.nn.init.normal_(m.conv_offset.weight, std=0.01)
+    images = _images(cfg)
+    if fmt == "openvino":
+        with pytest.raises(ExportError, match="^OpenVINO cannot convert deformable convolutions .* use --format onnx"):
+            export_model(model, images[0], str(tmp_path), fmt)
+        assert not (tmp_path / "model.xml").exists()
+        return
+    export_model(model, images[0], str(tmp_path), fmt)
+    report = check_parity(model, load_exported(str(tmp_path), fmt), images)
+    assert min(report["num_detections"]) > 0
+    if fmt == "onnx":
+        import onnx
+
+        num_dcn = sum(hasattr(m, "conv_offset") for m in model.modules())
+        graph = onnx.load(str(tmp_path / "model.onnx"))
+        assert sum(n.op_type == "DeformConv" for n in graph.graph.node) == num_dcn > 0
 
 
 # ---------------------------------------------------------------------------------------------------------

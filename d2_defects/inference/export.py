@@ -14,6 +14,8 @@ The exporter is ``torch.jit.trace`` / the TorchScript-based ``torch.onnx.export(
 ``torch.export`` (and so the dynamo-based ONNX exporter) stops at data-dependent branches inside Detectron2
 (``if not valid_mask.all()`` in ``find_top_rpn_proposals``, ``numel() == 0`` checks in FCOS decoding), which a
 plugin cannot change. OpenVINO models are converted from the ONNX graph (``openvino.convert_model``).
+Deformable convolutions (``torchvision::deform_conv2d``) become ONNX ``DeformConv`` (opset 19), which ONNX
+Runtime runs and OpenVINO's converter does not take.
 torch 2.14 marks ``torch.jit.trace`` / ``torch.jit.load`` deprecated; their warnings are silenced here, since
 no supported exporter handles these models yet (the parity check guards the result).
 """
@@ -46,6 +48,7 @@ FORMATS = ("torchscript", "onnx", "openvino")
 MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "openvino": "model.xml"}
 POSTPROCESS_FILES = ("postprocess.py", "postprocess.json")
 ONNX_OPSET = 17
+DCN_ONNX_OPSET = 19  # the first opset with DeformConv; used only for models with deformable convolutions
 _PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
 
 
@@ -195,6 +198,9 @@ def export_model(model, image, output_dir, fmt, meta=None):
         elif fmt == "onnx":
             _export_onnx(flat, image, path, names)
         else:
+            if _has_deform_conv(model):
+                raise ExportError("OpenVINO cannot convert deformable convolutions (ONNX DeformConv) of "
+                                  "MODEL.RESNETS.DEFORM_ON_PER_STAGE; use --format onnx or torchscript")
             with tempfile.TemporaryDirectory() as tmp:
                 onnx_path = os.path.join(tmp, "model.onnx")
                 _export_onnx(flat, image, onnx_path, names)
@@ -207,20 +213,47 @@ def export_model(model, image, output_dir, fmt, meta=None):
     return output_files(output_dir, fmt)
 
 
+def _deform_conv2d_symbolic(g, input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                            groups, offset_groups, use_mask):
+    """``torchvision::deform_conv2d`` as ONNX ``DeformConv`` (opset 19; same offset layout, mask optional)."""
+    from torch.onnx import symbolic_helper
+
+    def const(v, kind="i"):
+        return symbolic_helper._get_const(v, kind, "deform_conv2d argument")
+
+    inputs = [input, weight, offset, bias] + ([mask] if const(use_mask, "b") else [])
+    ph, pw = const(pad_h), const(pad_w)
+    return g.op("DeformConv", *inputs, strides_i=[const(stride_h), const(stride_w)], pads_i=[ph, pw, ph, pw],
+                dilations_i=[const(dil_h), const(dil_w)], group_i=const(groups), offset_group_i=const(offset_groups))
+
+
+@contextlib.contextmanager
+def _deform_conv_onnx_export():
+    """Register the DeformConv symbolic for the duration of one export (torch's registry, nothing else)."""
+    torch.onnx.register_custom_op_symbolic("torchvision::deform_conv2d", _deform_conv2d_symbolic, DCN_ONNX_OPSET)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("torchvision::deform_conv2d", DCN_ONNX_OPSET)
+
+
+def _has_deform_conv(model):
+    from ..modeling.backbone.resnet_dcn import ResNetDeformConv
+
+    return any(isinstance(m, ResNetDeformConv) for m in model.modules())
+
+
 def _export_onnx(flat, image, path, names):
     dynamic = {"image": {1: "height", 2: "width"}}
     dynamic.update({n: {0: "num_candidates"} for n in names[:3]})
+    dcn = _has_deform_conv(flat)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (_deform_conv_onnx_export() if dcn else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(flat, (image,), path, opset_version=ONNX_OPSET, dynamo=False, input_names=["image"],
-                              output_names=names, dynamic_axes=dynamic)
+            torch.onnx.export(flat, (image,), path, opset_version=DCN_ONNX_OPSET if dcn else ONNX_OPSET, dynamo=False,
+                              input_names=["image"], output_names=names, dynamic_axes=dynamic)
     except (RuntimeError, ValueError, TypeError, AssertionError, torch.onnx.errors.OnnxExporterError) as e:
-        reason = _first_line(e)
-        if "deform_conv2d" in reason:
-            reason = ("deformable convolutions (MODEL.RESNETS.DEFORM_ON_PER_STAGE) have no ONNX export in this torch; "
-                      "use --format torchscript")
-        raise ExportError(f"cannot export {type(flat.model).__name__} to ONNX: {reason}") from None
+        raise ExportError(f"cannot export {type(flat.model).__name__} to ONNX: {_first_line(e)}") from None
 
 
 def _convert_openvino(onnx_path, xml_path):

@@ -428,3 +428,17 @@ def test_timings_and_ap_curve_are_read_from_the_run_files(tmp_path):
     assert swa["stats"]["AP"]["mean"] == pytest.approx(12.5)  # result: swa reports model_swa's numbers
     assert base["curves"][0] == [(9, 3.0), (19, 5.0)] and swa["curves"][0] == [(19, 6.0)]
     assert (out / "ap_vs_iter.png").stat().st_size > 1000
+
+
+def test_failure_reasons(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"iteration": 19, "total_loss": 1.0}\n{"iteration": 39}\n')
+    assert ablation._failure_reason("x\nFloatingPointError: Loss became infinite or NaN at iteration=93!\n",
+                                    str(tmp_path)) == ("diverged", "diverged at iter 93")
+    assert ablation._failure_reason("FloatingPointError: Predicted boxes or scores contain Inf/NaN. Training has "
+                                    "diverged.", str(tmp_path)) == ("diverged", "diverged at iter 39")
+    assert ablation._failure_reason("log\nERROR: config error: X must be ...\n", str(tmp_path)) == \
+        ("failed", "config error: X must be ...")
+    assert ablation._failure_reason("iter: 119 ...", str(tmp_path), returncode=-11) == \
+        ("failed", "killed by SIGSEGV after iter 39")
+    assert ablation._failure_reason("Traceback...\nRuntimeError: boom\n", str(tmp_path)) == \
+        ("failed", "RuntimeError: boom")

@@ -380,8 +380,16 @@ def _last_iteration(out_dir):
     return max(its) if its else None
 
 
-def _failure_reason(output, out_dir):
-    """("diverged", "diverged at iter N") for a non-finite loss or box, else ("failed", the error line)."""
+def _failure_reason(output, out_dir, returncode=1):
+    """("diverged", "diverged at iter N") for a non-finite loss or box, else ("failed", the error line, or the
+    signal that killed the run)."""
+    if returncode < 0:  # killed by a signal: a crash (SIGSEGV) or an outside kill, not a Python error
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        it = _last_iteration(out_dir)
+        return "failed", f"killed by {name}" + (f" after iter {it}" if it is not None else "")
     m = list(_NAN_RE.finditer(output))
     if m:
         return "diverged", f"diverged at iter {m[-1].group(1)}"
@@ -452,7 +460,7 @@ def execute_run(spec):
         if code == 0:
             status = {"status": "ok", "reason": ""}
         else:
-            kind, reason = _failure_reason(output, spec.out_dir)
+            kind, reason = _failure_reason(output, spec.out_dir, code)
             status = {"status": kind, "reason": reason}
         status["returncode"] = code
     status.update(wall_s=round(time.time() - t0, 3), command=cmd, variant=spec.variant, seed=spec.seed,

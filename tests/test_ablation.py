@@ -109,10 +109,10 @@ def test_from_inherits_config_and_overrides_and_grid_order(tmp_path):
     v = plan.variants["fcos_snms"]
     assert v.config == fcos and v.overrides == ["SOLVER.BASE_LR", "0.003", "MODEL.SOFT_NMS.ENABLED", "True"]
     specs = plan_runs(plan, str(tmp_path / "out"))
-    # seed-major training runs, then the eval-only runs, each pointing at its own seed's checkpoint
-    assert [(s.variant, s.seed) for s in specs] == [("fcos", 0), ("cascade", 0), ("fcos", 1), ("cascade", 1),
-                                                    ("fcos_snms", 0), ("fcos_snms", 1)]
-    for s in specs[4:]:
+    # seed-major; within a seed the training runs, then the eval-only runs on their own seed's checkpoint
+    assert [(s.variant, s.seed) for s in specs] == [("fcos", 0), ("cascade", 0), ("fcos_snms", 0), ("fcos", 1),
+                                                    ("cascade", 1), ("fcos_snms", 1)]
+    for s in (specs[2], specs[5]):
         assert s.eval_only and s.weights == str(tmp_path / "out" / "fcos" / f"seed{s.seed}" / "model_final.pth")
     # --only an eval-only variant brings its training variant along
     assert {s.variant for s in plan_runs(plan, str(tmp_path / "out"), ["fcos_snms"])} == {"fcos", "fcos_snms"}

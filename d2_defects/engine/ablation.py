@@ -291,7 +291,8 @@ def run_dir(output, variant, seed):
 def plan_runs(plan, output, variants=None, seeds=None):
     """
     The grid as a list of :class:`RunSpec`, seed-major (every variant's seed 0, then seed 1, ...), so that a
-    grid stopped early has comparable rows. Training runs come before the eval-only runs that depend on them.
+    grid stopped early has comparable rows; within a seed, the training runs, then the eval-only runs that
+    evaluate them.
     """
     names = list(plan.variants) if not variants else list(variants)
     for n in names:
@@ -302,8 +303,9 @@ def plan_runs(plan, output, variants=None, seeds=None):
         if plan.variants[n].eval_only and src not in names:
             names.append(src)
     seeds = list(plan.seeds) if seeds is None else list(seeds)
-    train, evals = [], []
+    ordered = []
     for s in seeds:
+        train, evals = [], []
         for n in plan.variants:
             if n not in names:
                 continue
@@ -318,7 +320,8 @@ def plan_runs(plan, output, variants=None, seeds=None):
                 evals.append(spec)
             else:
                 train.append(spec)
-    return train + evals
+        ordered += train + evals
+    return ordered
 
 
 def read_status(out_dir):

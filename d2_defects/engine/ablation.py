@@ -22,6 +22,7 @@ continued with ``--resume``), ``DIR/logbook.{md,csv,json}`` and ``DIR/*.png`` th
 """
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -333,13 +334,18 @@ def read_status(out_dir):
         return json.load(f)
 
 
-def _write_json_atomic(path, obj):
+def _write_text_atomic(path, text):
+    """Write ``text`` to a temporary file next to ``path``, fsync, rename: readers never see a partial file."""
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path, obj):
+    _write_text_atomic(path, json.dumps(obj, indent=2, default=float))
 
 
 def _train_net_path():
@@ -1025,19 +1031,11 @@ def write_report(plan, output, plots=True):
         pngs = _plots(summary, output)
         md += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs) + "\n"
     _write_text_atomic(os.path.join(output, "logbook.md"), md)
-    tmp = os.path.join(output, f"logbook.csv.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(_csv_rows(summary))
-    os.replace(tmp, os.path.join(output, "logbook.csv"))
+    buf = io.StringIO()
+    csv.writer(buf).writerows(_csv_rows(summary))
+    _write_text_atomic(os.path.join(output, "logbook.csv"), buf.getvalue())
     js = dict(summary)
     js["rows"] = [{k: v for k, v in r.items() if k != "runs"} | {"runs": {str(s): x for s, x in r["runs"].items()}}
                   for r in summary["rows"]]
     _write_json_atomic(os.path.join(output, "logbook.json"), js)
     return summary
-
-
-def _write_text_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -321,6 +321,53 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(grid, synthetic_
     assert json.loads((early / ablation.STATUS_FILE).read_text())["status"] == "ok"
 
 
+def test_changed_plan_makes_runs_stale_and_rerun_stale_keeps_the_old_folder(grid, synthetic_root, tmp_path):
+    import shutil
+
+    plan, out, _ = grid
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    spec = yaml.safe_load(open(plan))
+    spec["variants"][0]["overrides"] = {"SOLVER.BASE_LR": 0.004}  # the "cascade" variant changes
+    changed = write_plan(tmp_path / "plan.yaml", spec["variants"], seeds=spec["seeds"])
+    before = {p: p.stat().st_mtime_ns for p in copy.glob("*/seed*/" + ablation.STATUS_FILE)}
+    # without --rerun-stale: nothing runs, the changed runs and the evaluations of them leave the logbook
+    proc = run_tool(["--plan", changed, "--output", copy], synthetic_root)
+    assert {p: p.stat().st_mtime_ns for p in copy.glob("*/seed*/" + ablation.STATUS_FILE)} == before
+    assert "no longer match the plan" in proc.stderr and "cascade/seed0: config changed: SOLVER.BASE_LR" in proc.stderr
+    rows = {r["name"]: r for r in json.loads((copy / "logbook.json").read_text())["rows"]}
+    assert rows["cascade"]["done"] == 0 and rows["same"]["done"] == 0 and rows["tta"]["done"] == 0
+    assert "seed 1: stale: config changed: SOLVER.BASE_LR (--rerun-stale)" in rows["cascade"]["problems"]
+    # "same" inherits cascade's overrides through `from`, so its own config changed as well
+    assert rows["same"]["problems"][0].startswith("seed 0: stale: config changed: SOLVER.BASE_LR")
+    assert rows["boom"]["problems"][0].startswith("seed 0: diverged")  # unchanged variants are not stale
+    # --rerun-stale on seed 0 of cascade and its re-evaluation: the old folders are kept, the new runs use the plan
+    old_dets = (copy / "cascade" / "seed0" / "model_final.pth").read_bytes()
+    run_tool(["--plan", changed, "--output", copy, "--rerun-stale", "--only", "cascade,same", "--seeds", "0"],
+             synthetic_root)
+    assert (copy / "cascade" / "seed0.stale1" / "model_final.pth").read_bytes() == old_dets
+    assert (copy / "same" / "seed0.stale1" / ablation.STATUS_FILE).is_file()
+    cfg = yaml.safe_load((copy / "cascade" / "seed0" / "config.yaml").read_text())
+    assert cfg["SOLVER"]["BASE_LR"] == pytest.approx(0.004)
+    rows = {r["name"]: r for r in json.loads((copy / "logbook.json").read_text())["rows"]}
+    assert rows["cascade"]["done"] == 1 and rows["same"]["done"] == 1  # seed 1 stays stale
+    assert rows["same"]["stats"]["AP"]["values"]["0"] == pytest.approx(rows["cascade"]["stats"]["AP"]["values"]["0"])
+
+
+def test_a_key_added_to_the_project_later_is_not_a_change(tmp_path):
+    plan = load_plan(write_plan(tmp_path / "p.yaml", [{"name": "a"}], seeds=[0]))
+    spec = plan_runs(plan, str(tmp_path / "out"))[0]
+    os.makedirs(spec.out_dir)
+    cfg = ablation.variant_config(plan, plan.variants["a"], ["SEED", "0", "OUTPUT_DIR", spec.out_dir])
+    tree = yaml.safe_load(cfg.dump())
+    del tree["MODEL_EMA"]  # as written by a run made before MODEL_EMA existed (its defaults: EMA off)
+    (tmp_path / "out" / "a" / "seed0" / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert ablation.run_changes(spec) == []
+    tree["SOLVER"]["MAX_ITER"] = 99
+    (tmp_path / "out" / "a" / "seed0" / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert ablation.run_changes(spec) == ["config changed: SOLVER.MAX_ITER"]
+
+
 def test_killing_the_runner_loses_nothing(synthetic_root, tmp_path):
     plan = write_plan(tmp_path / "plan.yaml", [{"name": "a"}, {"name": "b", "overrides": {"SOLVER.BASE_LR": 0.002}}],
                       seeds=[0, 1])

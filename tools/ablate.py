@@ -17,7 +17,8 @@ import logging
 import os
 import sys
 
-from d2_defects.engine.ablation import PlanError, add_external_run, load_plan, run_grid, write_report
+from d2_defects.engine.ablation import (PlanError, add_external_run, count_finished, load_plan, run_grid,
+                                        write_report)
 from d2_defects.utils.errors import run_cli
 
 
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=_csv(int), default=None, metavar="0,1",
                    help="run only these seeds of the plan")
     p.add_argument("--retry-failed", action="store_true", help="run failed and diverged runs again")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="run again the finished runs whose config no longer matches the plan (their old folders "
+                        "are kept as seed<k>.stale<n>); without it they are left out of the logbook")
     p.add_argument("--add", action="append", default=[], metavar="NAME=PATH",
                    help="add an OUTPUT_DIR made outside the tool (or a folder of seed<k>/ runs) as a row")
     g = p.add_argument_group("SLURM (override the plan's 'slurm' mapping)")
@@ -76,10 +80,9 @@ def ablate(args):
                                                "timeout_min", "mem_gb") if getattr(args, k) is not None}
         run_grid(plan, args.output, jobs=args.jobs, launcher=args.launcher, threads=args.threads,
                  gpus_per_run=args.gpus_per_run, only=args.only, seeds=args.seeds, slurm=slurm,
-                 retry_failed=args.retry_failed)
+                 retry_failed=args.retry_failed, rerun_stale=args.rerun_stale)
     summary = write_report(plan, args.output)
-    done = sum(r["planned"] - len(r["pending"]) for r in summary["rows"])
-    planned = sum(r["planned"] for r in summary["rows"])
+    done, planned = count_finished(summary)
     print(f"logbook: {os.path.join(args.output, 'logbook.md')} ({done}/{planned} runs finished)")
     return 0
 

@@ -43,7 +43,8 @@ from .launch import RUN_MARKERS, UserError, load_config
 
 __all__ = [
     "PlanError", "Plan", "Variant", "RunSpec", "load_plan", "plan_runs", "run_grid", "execute_run",
-    "read_run", "summarize", "write_report", "add_external_run", "paired_delta", "STATUS_FILE",
+    "read_run", "summarize", "write_report", "count_finished", "run_changes", "add_external_run", "paired_delta",
+    "STATUS_FILE",
 ]
 
 logger = logging.getLogger("d2_defects.ablation")
@@ -325,6 +326,69 @@ def plan_runs(plan, output, variants=None, seeds=None):
     return ordered
 
 
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in (tree or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+_DEFAULTS = []
+
+
+def _default_config():
+    if not _DEFAULTS:
+        _DEFAULTS.append(_flat(yaml.safe_load(load_config(None).dump())))
+    return _DEFAULTS[0]
+
+
+def run_changes(spec):
+    """
+    Why a finished run no longer matches its plan, as a list of strings (empty: it matches). The config the
+    plan builds for the run now is compared with the ``config.yaml`` the run wrote; a key the run's config
+    lacks (added to the project since) counts as its default; ``OUTPUT_DIR`` (a moved grid), an eval-only run's
+    ``MODEL.WEIGHTS`` and a tuned ``SCORE_THRESH_PER_CLASS`` (the run's own result) are not compared. An eval-only
+    run is also stale when its ``from`` run was trained after it.
+    """
+    path = os.path.join(spec.out_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return []  # a run the tool did not start (or that failed before writing its config)
+    opts = list(spec.opts) + (["MODEL.WEIGHTS", spec.weights] if spec.eval_only else [])
+    try:
+        expected = _flat(yaml.safe_load(load_config(spec.config, opts).dump()))
+        with open(path) as f:
+            actual = _flat(yaml.safe_load(f))
+    except (UserError, yaml.YAMLError, OSError) as e:
+        return [f"its config cannot be compared ({e})"]
+    defaults = _default_config()
+    skip = {"OUTPUT_DIR"}  # a moved or copied output folder is the same experiment
+    if spec.eval_only:
+        skip.add("MODEL.WEIGHTS")  # the `from` run's checkpoint, wherever the folder is (retraining: below)
+    if spec.tune_thresholds:
+        skip.add("MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS")
+    changed = sorted(k for k in set(expected) | set(actual) if k not in skip and
+                     expected.get(k, defaults.get(k)) != actual.get(k, defaults.get(k)))
+    why = [f"config changed: {', '.join(changed[:4])}" + (f" (+{len(changed) - 4})" if len(changed) > 4 else "")
+           ] if changed else []
+    status_path = os.path.join(spec.out_dir, STATUS_FILE)
+    if spec.eval_only and os.path.isfile(spec.weights) and os.path.isfile(status_path) and \
+            os.path.getmtime(spec.weights) > os.path.getmtime(status_path):
+        why.append("its 'from' run was trained again")
+    return why
+
+
+def _set_aside(out_dir):
+    """Move a stale run's folder to ``<out_dir>.stale<k>`` (kept, never overwritten) and return that path."""
+    k = 1
+    while os.path.exists(f"{out_dir}.stale{k}"):
+        k += 1
+    os.rename(out_dir, f"{out_dir}.stale{k}")
+    return f"{out_dir}.stale{k}"
+
+
 def read_status(out_dir):
     """The run's final status (dict) or None when it has not finished."""
     path = os.path.join(out_dir, STATUS_FILE)
@@ -493,7 +557,7 @@ def _cpu_slots(jobs, threads):
 
 
 def run_grid(plan, output, jobs=1, launcher="local", threads=None, gpus_per_run=0, only=None, seeds=None,
-             slurm=None, retry_failed=False, progress=True):
+             slurm=None, retry_failed=False, rerun_stale=False, progress=True):
     """
     Run every unfinished (variant, seed) of ``plan`` into ``output`` and rebuild the report after each.
 
@@ -504,6 +568,9 @@ def run_grid(plan, output, jobs=1, launcher="local", threads=None, gpus_per_run=
             "submitit-local" (submitit's local executor: the SLURM path on this machine).
         slurm (dict): executor settings overriding the plan's ``slurm`` mapping.
         retry_failed (bool): run again the runs whose status is failed/diverged.
+        rerun_stale (bool): run again the finished runs whose config no longer matches the plan (see
+            :func:`run_changes`); their old folders are kept as ``seed<k>.stale<n>``. Without it they are
+            reported as stale and left alone.
     Returns:
         list[dict]: the statuses of the runs started by this call.
     """
@@ -515,13 +582,30 @@ def run_grid(plan, output, jobs=1, launcher="local", threads=None, gpus_per_run=
         if spec.variant not in test_ds:
             test_ds[spec.variant] = variant_config(plan, plan.variants[spec.variant]).DATASETS.TEST[0]
         spec.test_dataset = test_ds[spec.variant]
-    todo = []
-    for spec in specs:
+    todo, stale = [], []
+    stale_train = set()  # training runs found stale (an eval-only run of one is stale too)
+    for spec in specs:  # training runs come before the eval-only runs of their seed
         st = read_status(spec.out_dir)
+        changes = run_changes(spec) if st is not None else []
+        source = plan.variants[spec.variant].source
+        if spec.eval_only and st is not None and (source, spec.seed) in stale_train:
+            changes = changes or [f"its 'from' run {source}/seed{spec.seed} is stale"]
+        if changes and not spec.eval_only:
+            stale_train.add((spec.variant, spec.seed))
+        if changes and not rerun_stale:
+            stale.append(f"{spec.variant}/seed{spec.seed}: {'; '.join(changes)}")
+            continue
+        if changes:
+            logger.info(f"ablation: {spec.variant}/seed{spec.seed} is stale ({'; '.join(changes)}); "
+                        f"kept as {_set_aside(spec.out_dir)} and run again")
+            st = None
         if st is None or (retry_failed and st.get("status") != "ok"):
             if st is not None:
                 os.remove(os.path.join(spec.out_dir, STATUS_FILE))
             todo.append(spec)
+    if stale:
+        logger.warning(f"ablation: {len(stale)} finished run(s) no longer match the plan and are left out of the "
+                       "logbook (run again with --rerun-stale):\n  " + "\n  ".join(stale))
     os.makedirs(output, exist_ok=True)
     _write_json_atomic(os.path.join(output, "ablation_plan.json"), _plan_record(plan))
     done_before = len(specs) - len(todo)
@@ -811,12 +895,24 @@ def summarize(plan, output):
     for i, a in enumerate(_added_runs(output)):
         entries.append((f"+{i + 1}", a["name"], f"added from {a['path']}", "live",
                         {int(k): p for k, p in a["runs"].items()}, False, ""))
+    specs = {(sp.variant, sp.seed): sp for sp in plan_runs(plan, output)}
     runs_by_variant = {}
     for vid, name, purpose, kind, dirs, eval_only, source in entries:
         runs = {s: read_run(d, kind) for s, d in dirs.items()}
         runs_by_variant[name] = runs
         rows.append({"id": vid, "name": name, "purpose": purpose, "result": kind, "eval_only": eval_only,
                      "from": source, "runs": runs})
+    for row in sorted(rows, key=lambda r: r["eval_only"]):  # training runs first: their evals follow them
+        for s, r in row["runs"].items():
+            spec = specs.get((row["name"], s))
+            if spec is None or r["status"] == "pending":
+                continue
+            changes = run_changes(spec)
+            src = runs_by_variant.get(row["from"], {}).get(s) if row["eval_only"] else None
+            if src is not None and src["status"] == "stale":
+                changes = changes or [f"its 'from' run {row['from']}/seed{s} is stale"]
+            if changes:
+                r.update(status="stale", reason="stale: " + "; ".join(changes) + " (--rerun-stale)")
     base_runs = runs_by_variant[plan.baseline]
     classes = []
     for row in rows:
@@ -830,8 +926,9 @@ def summarize(plan, output):
         row["planned"] = len(runs)
         row["done"] = len(ok)
         row["problems"] = [f"seed {s}: " + (r["reason"] or r["status"]) for s, r in sorted(runs.items())
-                           if r["status"] in ("failed", "diverged")]
+                           if r["status"] in ("failed", "diverged", "stale")]
         row["pending"] = sorted(s for s, r in runs.items() if r["status"] == "pending")
+        row["stale"] = sorted(s for s, r in runs.items() if r["status"] == "stale")
         stats = OrderedDict()
         for col, _, _ in METRICS:
             per_seed = {s: r["metrics"].get(col) for s, r in ok.items()}
@@ -1013,6 +1110,12 @@ def _per_class_plot(summary, classes, labels, path):
     plt.close(fig)
 
 
+def count_finished(summary):
+    """(finished, planned) runs of a summary; stale runs count as not finished."""
+    rows = summary["rows"]
+    return (sum(r["planned"] - len(r["pending"]) - len(r["stale"]) for r in rows), sum(r["planned"] for r in rows))
+
+
 def write_report(plan, output, plots=True):
     """
     Write ``DIR/logbook.md`` (tables), ``logbook.csv`` (one line per variant), ``logbook.json`` (everything,
@@ -1021,11 +1124,12 @@ def write_report(plan, output, plots=True):
     """
     summary = summarize(plan, output)
     os.makedirs(output, exist_ok=True)
-    n_done = sum(r["planned"] - len(r["pending"]) for r in summary["rows"])
-    n_planned = sum(r["planned"] for r in summary["rows"])
+    n_done, n_planned = count_finished(summary)
+    n_stale = sum(len(r["stale"]) for r in summary["rows"])
     head = [f"# Ablation logbook: {os.path.basename(plan.path)}", "",
             f"Plan `{plan.path}`, seeds {plan.seeds}, baseline `{plan.baseline}`; "
-            f"{n_done} of {n_planned} runs finished" + (" (partial)" if n_done < n_planned else "") + ".", "", ""]
+            f"{n_done} of {n_planned} runs finished" + (" (partial)" if n_done < n_planned else "") +
+            (f"; {n_stale} stale (left out; --rerun-stale)" if n_stale else "") + ".", "", ""]
     md = "\n".join(head) + format_logbook(summary)
     if plots:
         pngs = _plots(summary, output)

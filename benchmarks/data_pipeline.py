@@ -24,7 +24,8 @@ def main():
     from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 
     import d2_defects  # noqa: F401
-    import d2_defects.data.coco as C
+    from d2_defects.data.catalog import load_coco_defects
+    from d2_defects.utils.image_io import clear_size_cache
     from d2_defects import add_defects_config
     from d2_defects.data.mapper import build_defect_train_mapper
 
@@ -37,8 +38,8 @@ def main():
 
     def load(validation, cold):
         if cold:
-            C._IMAGE_CACHE.clear()
-        C.load_coco_defects(meta.json_file, meta.image_root, validation=validation)
+            clear_size_cache()
+        load_coco_defects(meta.json_file, meta.image_root, validation=validation)
 
     DatasetCatalog.get(name)  # fill the loader's cache
     rows = [

@@ -10,6 +10,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .utils.errors import CheckpointError
+from .utils.fileio import atomic_write
 
 __all__ = ["CheckpointError", "DefectCheckpointer", "load_pkl_weights", "PKL_ALLOWED_GLOBALS", "check_loaded_keys",
            "loading_table"]
@@ -155,21 +156,6 @@ def loading_table(model, loaded, incorrect_shapes, unused):
     return "\n".join(lines)
 
 
-def _atomic_write(path, write_fn, mode="wb"):
-    # Write next to the target and rename: a run killed mid-write leaves the old file (or none),
-    # never a truncated one; os.replace is atomic on POSIX and Windows.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -201,12 +187,12 @@ class DefectCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
         os.makedirs(self.save_dir, exist_ok=True)
-        _atomic_write(save_file, lambda f: torch.save(data, f))
+        atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
         save_file = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(save_file, lambda f: f.write(last_filename_basename), mode="w")
+        atomic_write(save_file, lambda f: f.write(last_filename_basename), mode="w")
 
     def load(self, path, checkpointables=None):
         if path and not os.path.isfile(path):

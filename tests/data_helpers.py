@@ -106,7 +106,7 @@ def expected(drop=()):
 
 
 class capture_logs:
-    """``with capture_logs("d2_defects.data.coco") as msgs:`` collects the INFO+ messages of that logger,
+    """``with capture_logs("d2_defects.data.validation") as msgs:`` collects the INFO+ messages of that logger,
     whatever Detectron2's ``setup_logger`` did to propagation in this process."""
 
     def __init__(self, name, level=logging.INFO):

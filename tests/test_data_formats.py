@@ -162,20 +162,22 @@ def test_clip_and_warn_modes(fixtures, tmp_path):
 
 
 def test_checks_run_once_per_process(fixtures, monkeypatch):
-    import d2_defects.data.coco as C
+    import d2_defects.data.catalog as catalog
+    import d2_defects.utils.image_io as image_io
+    from d2_defects.data.validation import validate_coco_dict
 
     ann, img = _paths(fixtures, "coco")
     register_defect_dataset("fx_cached", "coco", ann, img)
     calls = []
-    real = C._check
-    monkeypatch.setattr(C, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = catalog.check_coco
+    monkeypatch.setattr(catalog, "check_coco", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = DatasetCatalog.get("fx_cached")
     second = DatasetCatalog.get("fx_cached")
     assert len(calls) == 1 and first == second and first is not second
     opened = []
-    real_open = C.Image.open
-    monkeypatch.setattr(C.Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
-    C.validate_coco_dict(read_dataset("coco", ann, img), ann, img)
+    real_open = image_io.Image.open
+    monkeypatch.setattr(image_io.Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    validate_coco_dict(read_dataset("coco", ann, img), ann, img)
     assert opened == []  # image decoding is cached by path, size and mtime
 
 

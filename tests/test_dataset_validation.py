@@ -98,7 +98,7 @@ def test_image_checks_log_counts_and_time(synthetic_root, tmp_path):
     dst, path, coco = _copy_dataset(synthetic_root, tmp_path)  # new paths: not in this process's cache
     os.remove(dst / "train" / coco["images"][0]["file_name"])
     n = len(coco["images"])
-    with capture_logs("d2_defects.data.coco") as msgs:
+    with capture_logs("d2_defects.data.validation") as msgs:
         load_coco_defects(str(path), str(dst / "train"), validation="warn")
         load_coco_defects(str(path), str(dst / "train"), validation="warn")
     lines = [m for m in msgs if "image files in" in m]
@@ -106,7 +106,7 @@ def test_image_checks_log_counts_and_time(synthetic_root, tmp_path):
     assert len(lines) == 2, msgs
     assert re.fullmatch(head + re.escape(f"({n - 1} decoded, 0 from this process's cache, 1 missing)"), lines[0])
     assert re.fullmatch(head + re.escape(f"(0 decoded, {n - 1} from this process's cache, 1 missing)"), lines[1])
-    with capture_logs("d2_defects.data.coco") as msgs:
+    with capture_logs("d2_defects.data.validation") as msgs:
         load_coco_defects(str(path), str(dst / "train"), validation="none")
     assert not [m for m in msgs if "image files in" in m]  # no checks, no decoding
 

@@ -16,7 +16,7 @@ from conftest import ROOT, SMALL_CONFIG, TINY_OPTS, run_train_net
 from d2_defects.checkpoint import DefectCheckpointer
 from d2_defects.engine.launch import load_config
 from d2_defects.inference.ensemble import ensemble_results, evaluate_results
-from d2_defects.inference.merge import merge_detections
+from d2_defects.modeling.merge import merge_detections
 from d2_defects.modeling.postprocess import PostprocessParams
 from d2_defects.modeling.tta import DefectTTA
 

@@ -504,7 +504,7 @@ def test_reading_problems_are_collected_and_follow_the_validation_mode(tmp_path,
     assert any("img_d." in p and "outside" in p for p in problems)
     assert all(str(tmp_path) in p for p in problems)
     register_defect_dataset(f"hostile_{fmt}_warn", fmt, ann, img, classes=H.CLASSES, validation="warn")
-    with H.capture_logs("d2_defects.data.coco", logging.WARNING) as logs:
+    with H.capture_logs("d2_defects.data.validation", logging.WARNING) as logs:
         records = DatasetCatalog.get(f"hostile_{fmt}_warn")
     assert "4 problem(s) found" in "\n".join(logs)
     names = sorted(os.path.basename(r["file_name"]) for r in records)
@@ -514,7 +514,8 @@ def test_reading_problems_are_collected_and_follow_the_validation_mode(tmp_path,
 
 
 def test_voc_left_and_top_overflow_is_reported_like_right_and_bottom(tmp_path):
-    from d2_defects.data.coco import clip_boxes, load_coco_dict
+    from d2_defects.data.catalog import load_coco_dict
+    from d2_defects.data.validation import clip_boxes
     from d2_defects.data.formats import read_dataset
 
     H.write_images(str(tmp_path / "IMAGES"))

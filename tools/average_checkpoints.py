@@ -18,7 +18,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from d2_defects.checkpoint import CheckpointError, DefectCheckpointer, _atomic_write
+from d2_defects.checkpoint import CheckpointError, DefectCheckpointer
+from d2_defects.utils.fileio import atomic_write
 from d2_defects.engine.swa import SWAState
 from d2_defects.utils.errors import OutputExistsError, run_cli
 
@@ -86,7 +87,7 @@ def _main(argv=None):
     data = {"model": average, "num_averaged": len(args.checkpoints),
             "averaged_from": [os.path.abspath(p) for p in args.checkpoints]}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    _atomic_write(args.output, lambda f: torch.save(data, f))
+    atomic_write(args.output, lambda f: torch.save(data, f))
     print(f"wrote {args.output}: average of {len(args.checkpoints)} checkpoints ({len(average)} tensors)")
     return 0
 

@@ -19,7 +19,7 @@ import sys
 from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers the built-in datasets
-from d2_defects.data.coco import clip_boxes, validate_coco_dict
+from d2_defects.data.validation import clip_boxes, validate_coco_dict
 from d2_defects.data.formats import write_coco
 from d2_defects.data.source import add_source_args, check_output, load_source, run_tool
 from d2_defects.data.split import subset_coco

@@ -31,6 +31,7 @@ from d2_defects.modeling.convert import (
     torchvision_resnet_to_d2,
 )
 from d2_defects.utils.errors import OutputExistsError, UsageError, run_cli
+from d2_defects.utils.fileio import atomic_write
 
 
 def parse_args(argv=None):
@@ -124,9 +125,8 @@ def convert(args):
         if args.num_classes is None and not args.new_dataset and args.stages is None:
             print("no --num-classes/--class-map/--stages: only the model weights are kept")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = f"{args.output}.tmp-{os.getpid()}"
-    torch.save({"model": out, "__author__": f"d2_defects convert_weights --from {args.source}"}, tmp)
-    os.replace(tmp, args.output)
+    data = {"model": out, "__author__": f"d2_defects convert_weights --from {args.source}"}
+    atomic_write(args.output, lambda f: torch.save(data, f))
     print(f"wrote {args.output}")
     if lines:
         print("set in your config (or on the command line):")

@@ -10,7 +10,6 @@ COCOEvaluator), followed by the DefectEvaluator's metrics (defect/mAP, defect/AC
 output is never replaced without --overwrite.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -20,8 +19,9 @@ from tqdm import tqdm
 import d2_defects  # noqa: F401  registers datasets
 from d2_defects.inference.ensemble import ensemble_results, evaluate_results, load_results
 from d2_defects.inference.io import check_can_write
-from d2_defects.inference.merge import MERGE_METHODS
+from d2_defects.modeling.merge import MERGE_METHODS
 from d2_defects.utils.errors import UsageError, run_cli
+from d2_defects.utils.fileio import atomic_write_json
 
 
 def parse_args(argv=None):
@@ -62,10 +62,7 @@ def run(args):
     merged = ensemble_results(inputs, args.method, args.weights, args.iou_thr, args.score_thr, args.max_dets,
                               image_sizes=sizes, progress=tqdm)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(merged, f)
-    os.replace(tmp, args.output)
+    atomic_write_json(args.output, merged)
     print(f"merged {len(args.results)} files ({sum(map(len, inputs))} detections) with {args.method} -> "
           f"{args.output} ({len(merged)} detections)")
     if args.dataset:

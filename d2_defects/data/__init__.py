@@ -1,7 +1,8 @@
 from . import builtin  # noqa: F401  registers built-in datasets
 from .builtin import register_synthetic_defects
-from .coco import DatasetError, load_coco_defects, register_coco_defects
-from .manifest import load_manifest, register_defect_dataset, register_manifest
+from .catalog import load_coco_defects, register_coco_defects, register_defect_dataset
+from .manifest import load_manifest, register_manifest
+from ..utils.errors import DatasetError
 from .synthetic import generate_dataset
 
 __all__ = [

@@ -64,7 +64,7 @@ def _check_range(key, r):
     return r
 
 
-def _check_prob(key, p):
+def check_prob(key, p):
     if not 0.0 <= float(p) <= 1.0:
         raise ConfigError(f"{key} must be a probability in [0, 1], got {p}")
     return float(p)
@@ -84,9 +84,9 @@ def build_defect_augmentations(cfg, is_train):
     if not is_train:
         return augs
     if cfg.INPUT.ROT90.ENABLED:
-        augs.insert(0, RandomRot90(_check_prob("INPUT.ROT90.PROB", cfg.INPUT.ROT90.PROB)))
+        augs.insert(0, RandomRot90(check_prob("INPUT.ROT90.PROB", cfg.INPUT.ROT90.PROB)))
     if cfg.INPUT.VFLIP.ENABLED:
-        augs.append(T.RandomFlip(_check_prob("INPUT.VFLIP.PROB", cfg.INPUT.VFLIP.PROB), horizontal=False,
+        augs.append(T.RandomFlip(check_prob("INPUT.VFLIP.PROB", cfg.INPUT.VFLIP.PROB), horizontal=False,
                                  vertical=True))
     if cfg.INPUT.PHOTOMETRIC.ENABLED:
         p = cfg.INPUT.PHOTOMETRIC
@@ -100,11 +100,11 @@ def build_defect_augmentations(cfg, is_train):
 def check_augmentation_config(cfg):
     """Raise ``ValueError`` naming the key for a wrong ``INPUT.VFLIP/ROT90/PHOTOMETRIC/COPY_PASTE`` value."""
     i = cfg.INPUT
-    _check_prob("INPUT.VFLIP.PROB", i.VFLIP.PROB)
-    _check_prob("INPUT.ROT90.PROB", i.ROT90.PROB)
+    check_prob("INPUT.VFLIP.PROB", i.VFLIP.PROB)
+    check_prob("INPUT.ROT90.PROB", i.ROT90.PROB)
     for k in ("BRIGHTNESS", "CONTRAST", "SATURATION"):
         _check_range(f"INPUT.PHOTOMETRIC.{k}", i.PHOTOMETRIC[k])
-    _check_prob("INPUT.COPY_PASTE.PROB", i.COPY_PASTE.PROB)
-    _check_prob("INPUT.COPY_PASTE.PROB_NORMAL", i.COPY_PASTE.PROB_NORMAL)
+    check_prob("INPUT.COPY_PASTE.PROB", i.COPY_PASTE.PROB)
+    check_prob("INPUT.COPY_PASTE.PROB_NORMAL", i.COPY_PASTE.PROB_NORMAL)
     if int(i.COPY_PASTE.MAX_OBJECTS) < 1:
         raise ConfigError(f"INPUT.COPY_PASTE.MAX_OBJECTS must be >= 1, got {i.COPY_PASTE.MAX_OBJECTS}")

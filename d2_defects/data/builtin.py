@@ -9,7 +9,7 @@ Create it with ``python datasets/prepare_synthetic_defects.py``.
 """
 import os
 
-from .coco import register_coco_defects
+from .catalog import register_coco_defects
 
 SYNTHETIC_DIRNAME = "synthetic_defects"
 

@@ -2,7 +2,7 @@
 
 Every reader returns a COCO detection dict (``images``, ``annotations``, ``categories``; boxes XYWH in
 pixels, ``file_name`` relative to the image root) that then goes through the same checks as a COCO json
-(:func:`d2_defects.data.coco.load_coco_dict`).  A box whose label is not in the given class list keeps
+(:func:`d2_defects.data.validation.check_coco`).  A box whose label is not in the given class list keeps
 the label as its ``category_id`` so that validation reports it by name.
 
 Layouts (``annotations`` path, ``images`` path):
@@ -38,15 +38,29 @@ import xml.etree.ElementTree as ET
 
 import yaml
 
-from .coco import DatasetError, image_size, read_coco_json
-from ..utils.errors import InputNotFoundError, UsageError
+from ..utils.errors import DatasetError, InputNotFoundError, UsageError
+from ..utils.image_io import image_size
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "IMAGE_EXTENSIONS", "read_dataset", "write_dataset"]
+__all__ = ["FORMATS", "IMAGE_EXTENSIONS", "read_coco_json", "read_dataset", "write_dataset", "write_coco"]
 
 FORMATS = ("coco", "voc", "yolo", "labelme")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_coco_json(json_file):
+    """Parse a COCO json, with a :class:`DatasetError` naming the file if it is not valid json."""
+    if not os.path.isfile(json_file):
+        raise InputNotFoundError(f"COCO annotation file not found: {json_file}")
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(json_file, [f"not a valid json file: {e}"]) from None
+    if not isinstance(coco, dict) or "categories" not in coco or "images" not in coco:
+        raise DatasetError(json_file, ["not a COCO detection json (needs 'images' and 'categories')"])
+    return coco
 
 
 def _files(folder, ext, what):

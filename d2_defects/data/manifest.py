@@ -1,4 +1,4 @@
-"""Registering datasets without code: :func:`register_defect_dataset` and YAML manifests.
+"""Registering datasets without code: YAML manifests (each entry through :func:`.catalog.register_defect_dataset`).
 
 A manifest lists datasets; relative paths resolve against the manifest's folder::
 
@@ -22,90 +22,16 @@ import os
 import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .coco import (
-    VALIDATION_MODES,
-    DatasetError,
-    _CachedLoader,
-    _json_is_faithful,
-    _set_metadata,
-    apply_ignore,
-    load_coco_dict,
-    register_coco_defects,
-)
+from .catalog import register_defect_dataset
 from .formats import FORMATS, read_dataset
-from ..utils.errors import ConfigError, InputNotFoundError
+from .validation import VALIDATION_MODES
+from ..utils.errors import ConfigError, DatasetError, InputNotFoundError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_manifest", "register_defect_dataset", "register_manifest", "register_from_config"]
+__all__ = ["load_manifest", "register_manifest", "register_from_config"]
 
 _KEYS = {"name", "format", "annotations", "images", "classes", "class_weights", "ignore", "validation"}
-
-
-class _FormatLoader:
-    """Reads a non-COCO dataset once (shared by the metadata and the records)."""
-
-    def __init__(self, fmt, annotations, images, classes):
-        self.args = (fmt, annotations, images, classes)
-        self._coco, self.problems = None, []
-
-    def coco(self):
-        if self._coco is None:
-            # reading problems are collected and reported with the validation's (the mode decides)
-            self.problems = []
-            self._coco = read_dataset(*self.args, problems=self.problems)
-        return self._coco
-
-    def load(self, name, validation, ignore):
-        coco = self.coco()
-        return load_coco_dict(coco, self.args[1], self.args[2], name, validation=validation, ignore=ignore,
-                              reader_problems=self.problems)
-
-
-def register_defect_dataset(name, format, annotations, images, classes=None, class_weights=None, ignore=(),
-                            validation="error"):
-    """
-    Register a dataset of any supported format under ``name`` (replacing an earlier registration).
-
-    Args:
-        name (str): the name ``DATASETS.TRAIN`` / ``TEST`` use.
-        format (str): "coco", "voc", "yolo" or "labelme" (see :mod:`d2_defects.data.formats`).
-        annotations (str): COCO json file, or the annotation folder of the other formats.
-        images (str): image folder.
-        classes (list[str] or None): class names in contiguous-id order (None: from the data).
-        class_weights (list[float] or None): one weight per class (competition scores).
-        ignore (iterable[str]): class names dropped with their boxes.
-        validation (str): "error", "warn", "clip" or "none" (see :mod:`d2_defects.data.coco`).
-
-    Returns:
-        Metadata: the dataset's metadata (``thing_classes``, ``thing_dataset_id_to_contiguous_id``, ...).
-    """
-    if format not in FORMATS:
-        raise DatasetError(f"dataset {name}: unknown format {format!r}; use one of {FORMATS}")
-    if validation not in VALIDATION_MODES:
-        raise DatasetError(f"dataset {name}: validation must be one of {VALIDATION_MODES}, got {validation!r}")
-    ignore = tuple(ignore or ())
-    if format == "coco" and classes is None:
-        meta = register_coco_defects(name, annotations, images, validation=validation,
-                                     class_weights=class_weights, ignore=ignore)
-        return meta
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    reader = _FormatLoader(format, annotations, images, list(classes) if classes is not None else None)
-    if classes is not None:
-        cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes) if n not in ignore]
-    else:
-        coco, _ = apply_ignore(reader.coco(), ignore, annotations)
-        cats = sorted(coco["categories"], key=lambda c: c["id"])
-    meta = MetadataCatalog.get(name)
-    extra = {"json_file": annotations} if format == "coco" and _json_is_faithful(validation, ignore) else {}
-    _set_metadata(meta, cats, class_weights, image_root=images, dataset_format=format,
-                  annotation_path=annotations, ignore=list(ignore), source_classes=classes, **extra)
-    files = [annotations] if os.path.isfile(annotations) else []
-    DatasetCatalog.register(name, _CachedLoader(reader.load, files, name=name, validation=validation,
-                                                ignore=ignore))
-    return meta
 
 
 def load_manifest(path):

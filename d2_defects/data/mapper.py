@@ -10,7 +10,7 @@ from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .augment import _check_prob, build_defect_augmentations
+from .augment import check_prob, build_defect_augmentations
 from .copy_paste import CopyPaste
 from ..utils.errors import ConfigError
 from ..utils.image_io import check_window, read_image
@@ -74,8 +74,8 @@ class DefectDatasetMapper(DatasetMapper):
                 class_ids = {classes.index(c) for c in cp.CLASSES}
             ret["copy_paste"] = CopyPaste(
                 dataset_dicts, image_format=cfg.INPUT.FORMAT,
-                prob_normal=_check_prob("INPUT.COPY_PASTE.PROB_NORMAL", cp.PROB_NORMAL),
-                prob=_check_prob("INPUT.COPY_PASTE.PROB", cp.PROB), max_objects=int(cp.MAX_OBJECTS),
+                prob_normal=check_prob("INPUT.COPY_PASTE.PROB_NORMAL", cp.PROB_NORMAL),
+                prob=check_prob("INPUT.COPY_PASTE.PROB", cp.PROB), max_objects=int(cp.MAX_OBJECTS),
                 class_ids=class_ids, high_bit_window=ret["high_bit_window"],
             )
         return ret

@@ -10,8 +10,8 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .coco import VALIDATION_MODES, _check, apply_ignore
 from .formats import FORMATS, read_dataset
+from .validation import VALIDATION_MODES, apply_ignore, check_coco
 from .split import subset_coco
 from ..utils.errors import DatasetError, OutputExistsError, UsageError
 
@@ -60,7 +60,7 @@ def _validated(coco, label, root, args, validate, reader_problems):
         return {k: v for k, v in coco.items() if k != "_problems"}
     problems = coco.pop("_problems", [])
     mode = getattr(args, "validation", None) or "error"
-    coco, bad = _check(coco, label, root, mode, check_files=bool(root), reader_problems=problems)
+    coco, bad = check_coco(coco, label, root, mode, check_files=bool(root), reader_problems=problems)
     if bad:
         coco = subset_coco(coco, [img["id"] for img in coco["images"] if img["id"] not in bad])
         known = {c["id"] for c in coco["categories"]}

@@ -9,13 +9,14 @@ holes; some defects overlap.
 Each image is drawn from its own ``numpy`` generator seeded by ``(seed, split, index)``, so the output is
 identical for a seed whatever the order or number of images written before it.
 """
-import json
 import math
 import os
 
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+from ..utils.fileio import atomic_write_json
 
 # name, relative frequency, competition-style weight (weights sum to 1)
 CLASSES = (
@@ -211,10 +212,7 @@ def generate_split(out_dir, split, num_images, seed=0, progress=True):
         ],
     }
     json_file = os.path.join(ann_dir, f"instances_{split}.json")
-    tmp = json_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(coco, f)
-    os.replace(tmp, json_file)
+    atomic_write_json(json_file, coco)
     return json_file
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import yaml
 
 from .launch import RUN_MARKERS, UserError, load_config
+from ..utils.fileio import atomic_write_text
 
 __all__ = [
     "PlanError", "Plan", "Variant", "RunSpec", "load_plan", "plan_runs", "run_grid", "execute_run",
@@ -398,18 +399,8 @@ def read_status(out_dir):
         return json.load(f)
 
 
-def _write_text_atomic(path, text):
-    """Write ``text`` to a temporary file next to ``path``, fsync, rename: readers never see a partial file."""
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json_atomic(path, obj):
-    _write_text_atomic(path, json.dumps(obj, indent=2, default=float))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def _train_net_path():
@@ -1134,10 +1125,10 @@ def write_report(plan, output, plots=True):
     if plots:
         pngs = _plots(summary, output)
         md += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs) + "\n"
-    _write_text_atomic(os.path.join(output, "logbook.md"), md)
+    atomic_write_text(os.path.join(output, "logbook.md"), md)
     buf = io.StringIO()
     csv.writer(buf).writerows(_csv_rows(summary))
-    _write_text_atomic(os.path.join(output, "logbook.csv"), buf.getvalue())
+    atomic_write_text(os.path.join(output, "logbook.csv"), buf.getvalue())
     js = dict(summary)
     js["rows"] = [{k: v for k, v in r.items() if k != "runs"} | {"runs": {str(s): x for s, x in r["runs"].items()}}
                   for r in summary["rows"]]

@@ -1,6 +1,5 @@
 """The project's trainer: Detectron2's ``DefaultTrainer`` with CPU-DDP support, atomic checkpoints,
 an evaluator per test dataset and an evaluation report written next to the logs."""
-import json
 import logging
 import os
 import weakref

@@ -71,7 +71,7 @@ def validate_config(cfg):
     - ``TEST.DEFECT_EVAL.*`` (when enabled), including the class weights against every test dataset.
     """
     from ..data.augment import check_augmentation_config
-    from ..data.coco import VALIDATION_MODES
+    from ..data.validation import VALIDATION_MODES
     from ..data.mapper import high_bit_window
     from ..evaluation.scoring import defect_eval_settings
     from ..modeling.freeze import FREEZE_SCHEMES

@@ -1,5 +1,5 @@
 """Inference for users: batched prediction on image folders, result files, merging of detections."""
-from .merge import MERGE_METHODS, merge_detections
+from ..modeling.merge import MERGE_METHODS, merge_detections
 from .predictor import BatchPredictor, ImageReadError, list_images
 from .io import ResultsWriter
 

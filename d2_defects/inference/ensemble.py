@@ -10,7 +10,7 @@ import torch
 
 from ..modeling.postprocess import PostprocessParams
 from ..utils.errors import DatasetError
-from .merge import merge_detections
+from ..modeling.merge import merge_detections
 
 __all__ = ["ResultsFileError", "load_results", "ensemble_results", "evaluate_results"]
 

@@ -1,6 +1,5 @@
 """Result files of ``tools/predict.py``: COCO results json, image list, CSV, drawings."""
 import csv
-import json
 import os
 
 import cv2
@@ -8,6 +7,7 @@ import numpy as np
 from detectron2.structures import BoxMode
 
 from ..utils.errors import ConfigError, OutputExistsError
+from ..utils.fileio import atomic_write_json
 
 __all__ = ["ResultsWriter", "OUTPUT_FILES", "check_can_write"]
 
@@ -22,13 +22,6 @@ def check_can_write(paths, overwrite):
     for p in paths:
         if os.path.exists(p):
             raise OutputExistsError(f"{p} exists (use --overwrite to replace it)")
-
-
-def _atomic_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 class ResultsWriter:
@@ -123,7 +116,7 @@ class ResultsWriter:
         else:
             seen = sorted({d["_class"] for d in self.detections} | set(range(len(self.class_names))))
             cats = [{"id": c, "name": self._class_name(c)} for c in seen]
-        _atomic_json(os.path.join(self.output_dir, "images.json"), {"images": self.images, "categories": cats})
+        atomic_write_json(os.path.join(self.output_dir, "images.json"), {"images": self.images, "categories": cats})
         with open(os.path.join(self.output_dir, "results.csv"), "w", newline="") as f:
             wr = csv.writer(f)
             wr.writerow(["file_name", "image_id", "class", "category_id", "score", "x1", "y1", "x2", "y2"])
@@ -134,5 +127,5 @@ class ResultsWriter:
             for name, reason in self.skipped:
                 f.write(f"{name}\t{reason}\n")
         path = os.path.join(self.output_dir, "results.json")
-        _atomic_json(path, results)
+        atomic_write_json(path, results)
         return path

@@ -8,7 +8,7 @@ boxes rescaled to the input's ``height``/``width``), so it also wraps one-stage 
 Each input image is resized to every ``TEST.AUG.MIN_SIZES`` short side (long side capped at
 ``TEST.AUG.MAX_SIZE``), optionally flipped horizontally (``TEST.AUG.FLIP``) and vertically
 (``TEST.AUG.VFLIP``); the model runs on all of them, boxes are flipped back in the original image's
-coordinates and merged with ``TEST.AUG.MERGE`` (see :mod:`d2_defects.inference.merge`). Image-level scalar
+coordinates and merged with ``TEST.AUG.MERGE`` (see :mod:`d2_defects.modeling.merge`). Image-level scalar
 outputs next to ``instances`` (e.g. an image defect score) are averaged over the views.
 """
 import torch
@@ -36,7 +36,7 @@ def model_num_classes(model):
 
 def tta_options(cfg):
     """Validated ``TEST.AUG`` options: dict of min_sizes, max_size, flip, vflip, merge, wbf_iou_thresh."""
-    from ..inference.merge import MERGE_METHODS
+    from .merge import MERGE_METHODS
 
     aug = cfg.TEST.AUG
     min_sizes = [int(s) for s in aug.MIN_SIZES]
@@ -112,7 +112,7 @@ class DefectTTA(nn.Module):
 
     @torch.no_grad()
     def _inference_one(self, inp):
-        from ..inference.merge import merge_detections
+        from .merge import merge_detections
 
         image = inp["image"]
         h, w = int(inp.get("height", image.shape[-2])), int(inp.get("width", image.shape[-1]))

@@ -14,11 +14,14 @@ reads such images with their real values and scales them linearly into 0..255:
 decoded by Pillow to 8 bits per channel (their upper byte: the full range); the window applies to
 single-channel images.
 """
+import os
+
 import numpy as np
 from detectron2.data import detection_utils
 from PIL import Image, ImageOps
 
-__all__ = ["HIGH_BIT_MODES", "read_image", "scale_to_uint8", "check_window"]
+__all__ = ["HIGH_BIT_MODES", "read_image", "scale_to_uint8", "check_window", "image_size",
+           "decoded_images"]
 
 # Pillow modes of single-channel images with more than 8 bits per pixel
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -64,3 +67,44 @@ def read_image(path, format="BGR", window=None):
     if format == "L":
         return gray[:, :, None]
     return detection_utils.convert_PIL_to_numpy(Image.fromarray(gray, mode="L"), format)
+
+
+# (path, file size, mtime_ns) -> ((width, height), None) or (None, error message)
+_SIZE_CACHE = {}
+
+
+def image_size(path):
+    """
+    Decode an image file once per process and return its size as Detectron2 will see it.
+
+    Returns:
+        tuple: ``((width, height), None)`` or ``(None, "reason")`` if the file is missing or cannot be
+        decoded. The EXIF orientation is applied like ``detectron2.data.detection_utils.read_image``.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, "image file not found"
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SIZE_CACHE:
+        try:
+            with Image.open(path) as im:
+                im.load()  # full decode: catches truncated files that the header alone does not
+                w, h = im.size
+                orientation = im.getexif().get(0x0112, 1)
+            if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
+                w, h = h, w
+            _SIZE_CACHE[key] = ((w, h), None)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            _SIZE_CACHE[key] = (None, f"image file cannot be decoded ({type(e).__name__}: {e})")
+    return _SIZE_CACHE[key]
+
+
+def decoded_images():
+    """How many image files :func:`image_size` has decoded in this process (its cache size)."""
+    return len(_SIZE_CACHE)
+
+
+def clear_size_cache():
+    """Forget the sizes :func:`image_size` decoded (benchmarks time the decoding)."""
+    _SIZE_CACHE.clear()

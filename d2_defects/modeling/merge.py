@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..modeling.postprocess import PostprocessParams, select_detections
+from .postprocess import PostprocessParams, select_detections
 from ..utils.errors import UsageError
 
 __all__ = ["MERGE_METHODS", "merge_detections", "with_soft_nms"]

@@ -165,7 +165,8 @@ class DefectCheckpointer(DetectionCheckpointer):
     ``DetectionCheckpointer`` with two changes:
 
     - ``save`` writes ``<name>.pth`` and then ``last_checkpoint`` atomically (temporary file + rename),
-      so ``last_checkpoint`` never points at a partial file;
+      so ``last_checkpoint`` never points at a partial file (local folders; other iopath locations are written
+      by fvcore through ``path_manager``);
     - ``.pth``/``.pt`` files load with ``torch.load(weights_only=True)``, ``.pkl`` files (Detectron2 model-zoo
       format) with a data-only unpickler (:func:`load_pkl_weights`); a missing, truncated, unsafe or foreign
       file raises :class:`CheckpointError` naming it;
@@ -175,8 +176,15 @@ class DefectCheckpointer(DetectionCheckpointer):
 
     _loading_file = "<checkpoint>"
 
+    def _local(self):
+        return "://" not in (self.save_dir or "")
+
     def save(self, name, **kwargs):
         # Same content as fvcore's Checkpointer.save (fvcore 0.1.5.post20221221); only the write differs.
+        # A save_dir of another iopath handler (s3://, manifold://, ...) is written by fvcore through
+        # self.path_manager, as before (no atomic rename there).
+        if not self._local():
+            return super().save(name, **kwargs)
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
@@ -191,6 +199,8 @@ class DefectCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
+        if not self._local():
+            return super().tag_last_checkpoint(last_filename_basename)
         save_file = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(save_file, lambda f: f.write(last_filename_basename), mode="w")
 

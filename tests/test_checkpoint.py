@@ -66,3 +66,37 @@ def test_missing_and_corrupt(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="bad.pth"):
         ckpt.load(str(tmp_path / "bad.pth"))
+
+
+def test_save_dir_of_another_path_handler_is_written_through_path_manager(tmp_path):
+    """Output folders on other storage (s3://, manifold://, ...) are written by the checkpointer's iopath
+    PathManager, as with Detectron2's own checkpointer."""
+    from iopath.common.file_io import PathHandler, PathManager
+
+    class MemHandler(PathHandler):  # "mem://x" is the local file tmp_path/x, reached only through the manager
+        opened = []
+
+        def _get_supported_prefixes(self):
+            return ["mem://"]
+
+        def _open(self, path, mode="r", buffering=-1, **kwargs):
+            self.opened.append((path, mode))
+            return open(tmp_path / path[len("mem://"):], mode)
+
+        def _exists(self, path, **kwargs):
+            return (tmp_path / path[len("mem://"):]).exists()
+
+        def _get_local_path(self, path, **kwargs):
+            return str(tmp_path / path[len("mem://"):])
+
+    manager = PathManager()
+    manager.register_handler(MemHandler())
+    model = nn.Linear(3, 2)
+    ckpt = DefectCheckpointer(model, save_dir="mem://run")
+    ckpt.path_manager = manager
+    (tmp_path / "run").mkdir()
+    ckpt.save("model_final", iteration=3)
+    assert ("mem://run/model_final.pth", "wb") in MemHandler.opened
+    assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_final.pth"
+    loaded = torch.load(tmp_path / "run" / "model_final.pth", weights_only=True)
+    assert loaded["iteration"] == 3 and torch.equal(loaded["model"]["weight"], model.weight)

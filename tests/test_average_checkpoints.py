@@ -10,6 +10,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from conftest import ROOT
 from d2_defects.checkpoint import DefectCheckpointer
+from d2_defects.engine.swa import average_checkpoint_files
 
 TOOL = os.path.join(ROOT, "tools", "average_checkpoints.py")
 # the tool is a script, not a package module: load it from its file (in-process runs are much faster)
@@ -45,6 +46,11 @@ def test_average_matches_averaged_model_and_loads(tmp_path):
         net(torch.randn(2, 3, 4, 4))
         oracle.update_parameters(net)
         paths.append(_save(net, tmp_path, f"model_{i}"))
+    ref = oracle.module.state_dict()
+    average = average_checkpoint_files([str(p) for p in paths], progress=False)  # the library function
+    for k, v in ref.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(average[k], v, rtol=0, atol=1e-6, msg=k)
     out = tmp_path / "sub" / "avg.pth"
     proc = _run(*paths, "-o", out)
     assert proc.returncode == 0, proc.stderr

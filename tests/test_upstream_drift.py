@@ -31,6 +31,10 @@ RESTATED = {
         ("32252e8432d1bba2", "d2_defects/data/mapper.py DefectDatasetMapper.__call__"),
     "detectron2.checkpoint.detection_checkpoint.DetectionCheckpointer._load_file":
         ("b01551bdb3eead54", "d2_defects/checkpoint.py DefectCheckpointer._load_pkl"),
+    "detectron2.evaluation.coco_evaluation.COCOEvaluator._eval_predictions":
+        ("af889c28df2ab0c9", "d2_defects/evaluation/coco_evaluator.py FastCOCOEvaluator._eval_predictions"),
+    "detectron2.evaluation.coco_evaluation._evaluate_predictions_on_coco":
+        ("841f6c75c9fc6faf", "d2_defects/evaluation/coco_evaluator.py (called with faster-coco-eval's COCOeval)"),
     "fvcore.common.checkpoint.Checkpointer.save":
         ("1ae94732e8613f3a", "d2_defects/checkpoint.py DefectCheckpointer.save"),
 }

@@ -16,55 +16,10 @@ import os
 import sys
 
 import torch
-from tqdm import tqdm
 
-from d2_defects.checkpoint import CheckpointError, DefectCheckpointer
-from d2_defects.utils.fileio import atomic_write
-from d2_defects.engine.swa import SWAState
+from d2_defects.engine.swa import AverageError, average_checkpoint_files
 from d2_defects.utils.errors import OutputExistsError, run_cli
-
-
-class AverageError(CheckpointError):
-    """Bad input; reported as one ``ERROR:`` line."""
-
-
-def _load_model_weights(path):
-    # DefectCheckpointer's loader: weights_only, a clear error naming the file
-    data = DefectCheckpointer(torch.nn.Module())._load_file(path)
-    model = data["model"]
-    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
-        raise AverageError(f"{path}: 'model' is not a dict of tensors")
-    return model
-
-
-def average_checkpoints(paths, progress=True):
-    """
-    Equal-weight average of the ``model`` weights of ``paths`` (list[str], at least one).
-
-    Returns:
-        dict[str, Tensor]: the averaged state dict.
-    """
-    state = SWAState()
-    first = None
-    for path in tqdm(paths, desc="averaging", disable=not progress):
-        if not os.path.isfile(path):
-            raise AverageError(f"checkpoint not found: {path}")
-        weights = _load_model_weights(path)
-        if first is None:
-            first = (path, {k: tuple(v.shape) for k, v in weights.items()})
-        else:
-            ref_path, ref = first
-            missing, extra = sorted(set(ref) - set(weights)), sorted(set(weights) - set(ref))
-            if missing or extra:
-                raise AverageError(
-                    f"{path}: parameter names differ from {ref_path}: missing {missing[:5]}, extra {extra[:5]}"
-                    + (" ..." if len(missing) > 5 or len(extra) > 5 else "")
-                )
-            for k, v in weights.items():
-                if tuple(v.shape) != ref[k]:
-                    raise AverageError(f"{path}: {k} has shape {tuple(v.shape)}, {ref_path} has {ref[k]}")
-        state.update(weights)
-    return state.average
+from d2_defects.utils.fileio import atomic_write
 
 
 def parse_args(argv=None):
@@ -83,7 +38,7 @@ def _main(argv=None):
         raise OutputExistsError(f"{args.output} exists; pass --overwrite to replace it")
     if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.checkpoints}:
         raise AverageError(f"{args.output} is one of the inputs")
-    average = average_checkpoints(args.checkpoints)
+    average = average_checkpoint_files(args.checkpoints)
     data = {"model": average, "num_averaged": len(args.checkpoints),
             "averaged_from": [os.path.abspath(p) for p in args.checkpoints]}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -26,10 +26,12 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import DefectCheckpointer
+from ..checkpoint import CheckpointError, DefectCheckpointer
 from ..utils.errors import ConfigError
 
 __all__ = [
+    "AverageError",
+    "average_checkpoint_files",
     "SWAState",
     "SWAHook",
     "SWALRMultiplier",
@@ -210,6 +212,53 @@ def averaged_weights(model, weights):
     finally:
         module.load_state_dict(live)
         module.train(training)
+
+
+class AverageError(CheckpointError):
+    """Bad input; reported as one ``ERROR:`` line."""
+
+
+def _load_model_weights(path):
+    # DefectCheckpointer's loader: weights_only, a clear error naming the file
+    data = DefectCheckpointer(torch.nn.Module())._load_file(path)
+    model = data["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise AverageError(f"{path}: 'model' is not a dict of tensors")
+    return model
+
+
+def average_checkpoint_files(paths, progress=True):
+    """
+    Equal-weight average of the ``model`` weights of the checkpoint files ``paths`` (list[str], at least one),
+    loaded like ``DefectCheckpointer`` does (weights only). Files whose parameter names or shapes differ raise
+    :class:`AverageError` naming both files (``tools/average_checkpoints.py``).
+
+    Returns:
+        dict[str, Tensor]: the averaged state dict.
+    """
+    state = SWAState()
+    first = None
+    from tqdm import tqdm
+
+    for path in tqdm(paths, desc="averaging", disable=not progress):
+        if not os.path.isfile(path):
+            raise AverageError(f"checkpoint not found: {path}")
+        weights = _load_model_weights(path)
+        if first is None:
+            first = (path, {k: tuple(v.shape) for k, v in weights.items()})
+        else:
+            ref_path, ref = first
+            missing, extra = sorted(set(ref) - set(weights)), sorted(set(weights) - set(ref))
+            if missing or extra:
+                raise AverageError(
+                    f"{path}: parameter names differ from {ref_path}: missing {missing[:5]}, extra {extra[:5]}"
+                    + (" ..." if len(missing) > 5 or len(extra) > 5 else "")
+                )
+            for k, v in weights.items():
+                if tuple(v.shape) != ref[k]:
+                    raise AverageError(f"{path}: {k} has shape {tuple(v.shape)}, {ref_path} has {ref[k]}")
+        state.update(weights)
+    return state.average
 
 
 class UntaggedCheckpointer(DefectCheckpointer):

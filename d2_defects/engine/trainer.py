@@ -9,12 +9,12 @@ import torch
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PeriodicWriter
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DefectCheckpointer
-from ..evaluation import DefectEvaluator
+from ..evaluation import DefectEvaluator, FastCOCOEvaluator
 from ..modeling.freeze import freeze_model
 from ..modeling.postprocess import check_postprocess_keys_used
 from ..utils.report import write_eval_report
@@ -176,7 +176,7 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators = [COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)]
+        evaluators = [FastCOCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)]
         if cfg.TEST.DEFECT_EVAL.ENABLED:
             evaluators.append(DefectEvaluator(dataset_name, cfg, output_dir=output_folder))
         return DatasetEvaluators(evaluators)

@@ -21,10 +21,10 @@ from data_helpers import boxes_by_image
 
 def _tool(name):
     """The tool's main, in this process, with its error handling (``ERROR:`` line, exit code 2)."""
-    from d2_defects.data.source import run_tool
+    from d2_defects.utils.errors import run_cli
 
     main = runpy.run_path(os.path.join(ROOT, "tools", f"{name}.py"), run_name="tool")["main"]
-    return lambda argv: run_tool(main, argv)
+    return lambda argv: run_cli(main, argv, exit=False)
 
 
 def _run_tool(name, args):
@@ -140,7 +140,7 @@ def test_convert_split_check_analyze_tools(tmp_path, tiny_coco, capsys):
     assert "划痕" in {c["name"] for c in conv["categories"]} and len(conv["annotations"]) == len(coco["annotations"])
     assert _tool("convert_dataset")(["--format", "voc", "--annotations", str(tmp_path / "voc"), "--images", images,
                                      "--output", str(out)]) == 2  # refused: exists
-    assert "pass --overwrite" in capsys.readouterr().err
+    assert "(use --overwrite" in capsys.readouterr().err
 
     # split: prints per-class counts, writes disjoint jsons
     assert _tool("split_dataset")(["--format", "coco", "--annotations", str(out), "--images", images,

@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers the built-in datasets
 from d2_defects.data.analysis import dataset_stats, plot_stats, stats_tables
-from d2_defects.data.source import add_source_args, check_output, config_resize, load_source, run_tool
+from d2_defects.data.source import add_source_args, config_resize, load_source
+from d2_defects.utils.fileio import check_can_write
+from d2_defects.utils.errors import run_cli
 
 
 def main(argv=None):
@@ -29,7 +31,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output-dir")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
-    check_output(os.path.join(args.output_dir, "tables.md"), args.overwrite)
+    check_can_write(os.path.join(args.output_dir, "tables.md"), args.overwrite)
     cfg, short, max_size = None, None, None
     if args.config:
         from d2_defects.engine.launch import load_config
@@ -49,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(run_cli(main, exit=False))

@@ -18,8 +18,8 @@ import sys
 import torch
 
 from d2_defects.engine.swa import AverageError, average_checkpoint_files
-from d2_defects.utils.errors import OutputExistsError, run_cli
-from d2_defects.utils.fileio import atomic_write
+from d2_defects.utils.errors import run_cli
+from d2_defects.utils.fileio import atomic_write, check_can_write
 
 
 def parse_args(argv=None):
@@ -34,8 +34,7 @@ def _main(argv=None):
     args = parse_args(argv)
     if len(args.checkpoints) < 2:
         raise AverageError("give at least two checkpoints to average")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise OutputExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    check_can_write(args.output, args.overwrite)
     if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.checkpoints}:
         raise AverageError(f"{args.output} is one of the inputs")
     average = average_checkpoint_files(args.checkpoints)

@@ -21,7 +21,9 @@ from tqdm import tqdm
 import d2_defects  # noqa: F401  registers the built-in datasets
 from d2_defects.data.validation import clip_boxes, validate_coco_dict
 from d2_defects.data.formats import write_coco
-from d2_defects.data.source import add_source_args, check_output, load_source, run_tool
+from d2_defects.data.source import add_source_args, load_source
+from d2_defects.utils.fileio import check_can_write
+from d2_defects.utils.errors import run_cli
 from d2_defects.data.split import subset_coco
 from d2_defects.utils.errors import UsageError
 
@@ -34,7 +36,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --fix-output file")
     args = p.parse_args(argv)
     if args.fix_output:
-        check_output(args.fix_output, args.overwrite, protected=[args.annotations])
+        check_can_write(args.fix_output, args.overwrite, protected=[args.annotations])
     read_problems = []  # files the reader could not use (reported with the rest)
     coco, root, label = load_source(args, progress=tqdm, validate=False, reader_problems=read_problems)
     if args.clip:
@@ -60,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(run_cli(main, exit=False))

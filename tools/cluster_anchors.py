@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers the built-in datasets
 from d2_defects.data.anchors import anchor_shapes, box_shapes, cluster_anchors, coverage
-from d2_defects.data.source import add_source_args, config_resize, load_source, run_tool
+from d2_defects.data.source import add_source_args, config_resize, load_source
+from d2_defects.utils.errors import run_cli
 from d2_defects.utils.errors import UsageError
 
 
@@ -68,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(run_cli(main, exit=False))

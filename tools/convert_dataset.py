@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers the built-in datasets
 from d2_defects.data.formats import FORMATS, write_dataset
-from d2_defects.data.source import add_source_args, check_output, load_source, rename_categories, run_tool
+from d2_defects.data.source import add_source_args, load_source, rename_categories
+from d2_defects.utils.fileio import check_can_write
+from d2_defects.utils.errors import run_cli
 from d2_defects.data.split import counts_table
 from d2_defects.utils.errors import UsageError
 
@@ -34,7 +36,7 @@ def main(argv=None):
                    help="rename classes; classes renamed to the same name are merged")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = p.parse_args(argv)
-    check_output(args.output, args.overwrite, protected=[args.annotations])
+    check_can_write(args.output, args.overwrite, protected=[args.annotations])
     mapping = {}
     for r in args.rename:
         if "=" not in r:
@@ -53,4 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(run_cli(main, exit=False))

@@ -30,8 +30,8 @@ from d2_defects.modeling.convert import (
     timm_to_d2,
     torchvision_resnet_to_d2,
 )
-from d2_defects.utils.errors import OutputExistsError, UsageError, run_cli
-from d2_defects.utils.fileio import atomic_write
+from d2_defects.utils.errors import UsageError, run_cli
+from d2_defects.utils.fileio import atomic_write, check_can_write
 
 
 def parse_args(argv=None):
@@ -69,8 +69,7 @@ def _class_names(name):
 
 
 def convert(args):
-    if os.path.exists(args.output) and not args.overwrite:
-        raise OutputExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    check_can_write(args.output, args.overwrite)
     sd, _ = read_state_dict(args.input)
     if args.manifest:
         from d2_defects.data import register_manifest

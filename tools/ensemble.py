@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers datasets
 from d2_defects.inference.ensemble import ensemble_results, evaluate_results, load_results
-from d2_defects.inference.io import check_can_write
 from d2_defects.modeling.merge import MERGE_METHODS
 from d2_defects.utils.errors import UsageError, run_cli
-from d2_defects.utils.fileio import atomic_write_json
+from d2_defects.utils.fileio import atomic_write_json, check_can_write
 
 
 def parse_args(argv=None):

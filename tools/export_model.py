@@ -45,7 +45,7 @@ def run(args):
     from d2_defects.inference.export import (
         check_exportable, check_parity, export_model, load_exported, load_samples, output_files,
     )
-    from d2_defects.inference.io import check_can_write
+    from d2_defects.utils.fileio import check_can_write
 
     cfg = load_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers the built-in datasets
 from d2_defects.data.formats import write_coco
-from d2_defects.data.source import add_source_args, check_output, load_source, run_tool
+from d2_defects.data.source import add_source_args, load_source
+from d2_defects.utils.fileio import check_can_write
+from d2_defects.utils.errors import run_cli
 from d2_defects.data.split import SPLIT_METHODS, counts_table, kfold_images, split_images, subset_coco
 from d2_defects.utils.errors import UsageError
 
@@ -58,7 +60,7 @@ def main(argv=None):
         outputs = {n: subset_coco(coco, ids) for n, ids in zip(names, parts)}
     paths = {n: os.path.join(args.output_dir, f"{args.prefix}{n}.json") for n in outputs}
     for path in paths.values():
-        check_output(path, args.overwrite, protected=[args.annotations])
+        check_can_write(path, args.overwrite, protected=[args.annotations])
     for n in outputs:
         write_coco(outputs[n], paths[n])
     if args.method == "kfold":
@@ -71,4 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(run_cli(main, exit=False))

@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 import d2_defects  # noqa: F401  registers the built-in datasets
-from d2_defects.data.source import check_output, run_tool
+from d2_defects.utils.fileio import check_can_write
+from d2_defects.utils.errors import run_cli
 
 
 def main(argv=None):
@@ -30,7 +31,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace PNGs already in --output")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
-    check_output(args.output, args.overwrite)
+    check_can_write(args.output, args.overwrite)
 
     from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
     from detectron2.utils.visualizer import Visualizer
@@ -70,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(run_cli(main, exit=False))

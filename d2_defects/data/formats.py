@@ -39,14 +39,13 @@ import xml.etree.ElementTree as ET
 import yaml
 
 from ..utils.errors import DatasetError, InputNotFoundError, UsageError
-from ..utils.image_io import image_size
+from ..utils.image_io import IMAGE_EXTENSIONS, image_size
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "IMAGE_EXTENSIONS", "read_coco_json", "read_dataset", "write_dataset", "write_coco"]
 
 FORMATS = ("coco", "voc", "yolo", "labelme")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def read_coco_json(json_file):

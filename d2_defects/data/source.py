@@ -5,7 +5,6 @@ Every tool accepts ``--dataset NAME`` (a registered dataset, e.g. ``synthetic_de
 ``--format F --annotations PATH --images DIR``.  The result is a raw COCO dict (before validation, after
 ``ignore``) plus its image root.
 """
-import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -13,7 +12,7 @@ from detectron2.structures import BoxMode
 from .formats import FORMATS, read_dataset
 from .validation import VALIDATION_MODES, apply_ignore, check_coco
 from .split import subset_coco
-from ..utils.errors import DatasetError, OutputExistsError, UsageError
+from ..utils.errors import DatasetError, UsageError
 
 __all__ = ["add_source_args", "load_source", "records_to_coco"]
 
@@ -149,20 +148,3 @@ def config_resize(cfg):
     else:
         short = sizes[len(sizes) // 2]
     return short, cfg.INPUT.MAX_SIZE_TRAIN
-
-
-def check_output(path, overwrite, protected=()):
-    """Refuse to replace an existing output without ``--overwrite``, and never replace a source file."""
-    real = os.path.realpath(path)
-    for p in protected:
-        if p and os.path.realpath(p) == real:
-            raise UsageError(f"refusing to write over the source annotations {path}; choose another output")
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-
-
-def run_tool(main, argv=None):
-    """Run a tool's ``main(argv)``; user errors end with an ``ERROR: ...`` message and exit code 2."""
-    from ..utils.errors import run_cli
-
-    return run_cli(main, argv, exit=False)

@@ -24,10 +24,10 @@ from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
-from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import CheckpointError, DefectCheckpointer
 from ..utils.errors import ConfigError
+from ..utils.modules import unwrap_model
 
 __all__ = [
     "AverageError",
@@ -58,9 +58,6 @@ SWA_PREFIX = "swa/"
 _LR_SHAPES = ("linear", "cosine")
 
 
-def unwrap_model(model):
-    """The module inside a ``DistributedDataParallel`` wrapper (or ``model`` itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def validate_swa_config(cfg):

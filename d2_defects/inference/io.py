@@ -6,22 +6,13 @@ import cv2
 import numpy as np
 from detectron2.structures import BoxMode
 
-from ..utils.errors import ConfigError, OutputExistsError
-from ..utils.fileio import atomic_write_json
+from ..utils.errors import ConfigError
+from ..utils.fileio import atomic_write_json, check_can_write
 
 __all__ = ["ResultsWriter", "OUTPUT_FILES", "check_can_write"]
 
 # files written into the output folder
 OUTPUT_FILES = ("results.json", "images.json", "results.csv", "skipped.txt")
-
-
-def check_can_write(paths, overwrite):
-    """Raise :class:`OutputExistsError` (a ``FileExistsError``) naming the first existing path, unless ``overwrite``."""
-    if overwrite:
-        return
-    for p in paths:
-        if os.path.exists(p):
-            raise OutputExistsError(f"{p} exists (use --overwrite to replace it)")
 
 
 class ResultsWriter:

@@ -10,12 +10,11 @@ from PIL import Image
 
 from ..checkpoint import DefectCheckpointer
 from ..utils.errors import ConfigError, InputNotFoundError
-from ..utils.image_io import check_window
+from ..utils.image_io import IMAGE_EXTENSIONS, check_window
 from ..utils.image_io import read_image as _read_any_depth
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "list_images", "read_image", "BatchPredictor"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ImageReadError(OSError):

@@ -8,7 +8,9 @@ import re
 
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
+
 from ..utils.errors import ConfigError
+from ..utils.modules import unwrap_model
 
 __all__ = ["FREEZE_SCHEMES", "HEAD_MODULES", "freeze_model", "frozen_parameter_names"]
 
@@ -17,8 +19,6 @@ FREEZE_SCHEMES = ("none", "backbone", "backbone+fpn", "all_but_heads")
 HEAD_MODULES = ("roi_heads", "head", "image_head")
 
 
-def _unwrap(model):
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def frozen_parameter_names(model, scheme="none", patterns=()):
@@ -32,7 +32,7 @@ def frozen_parameter_names(model, scheme="none", patterns=()):
     """
     if scheme not in FREEZE_SCHEMES:
         raise ConfigError(f"MODEL.FREEZE.SCHEME must be one of {FREEZE_SCHEMES}, got {scheme!r}")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     names = [n for n, _ in model.named_parameters()]
     if scheme == "backbone":
         prefix = "backbone.bottom_up." if hasattr(getattr(model, "backbone", None), "bottom_up") else "backbone."
@@ -78,7 +78,7 @@ def freeze_model(model, scheme="none", patterns=()):
     Returns:
         (int, int, str): trainable and total number of parameters, and a one-line summary to log.
     """
-    model_ = _unwrap(model)
+    model_ = unwrap_model(model)
     frozen = set(frozen_parameter_names(model_, scheme, patterns))
     for n, p in model_.named_parameters():
         if n in frozen:

@@ -15,10 +15,10 @@ import torch
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.structures import Boxes, Instances
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .postprocess import PostprocessParams
 from ..utils.errors import ConfigError
+from ..utils.modules import unwrap_model
 
 __all__ = ["DefectTTA", "tta_options", "model_num_classes"]
 
@@ -71,8 +71,7 @@ class DefectTTA(nn.Module):
             batch_size (int): augmented images per forward pass.
         """
         super().__init__()
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
+        model = unwrap_model(model)
         self.model = model
         self.options = tta_options(cfg)
         # SCORE_THRESH_PER_CLASS is checked against the classes of the model actually built

@@ -3,7 +3,9 @@ import json
 import os
 import threading
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text"]
+from .errors import OutputExistsError, UsageError
+
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "check_can_write"]
 
 
 def atomic_write(path, write_fn, mode="wb"):
@@ -33,3 +35,20 @@ def atomic_write_text(path, text):
 def atomic_write_json(path, obj, **dump_kwargs):
     """Write ``obj`` as JSON to ``path`` atomically (``dump_kwargs`` go to ``json.dump``)."""
     atomic_write(path, lambda f: json.dump(obj, f, **dump_kwargs), mode="w")
+
+
+def check_can_write(paths, overwrite, protected=()):
+    """
+    The overwrite guard of every tool: raise :class:`OutputExistsError` naming the first of ``paths`` that exists
+    (a file, or a folder that is not empty) unless ``overwrite``; and a :class:`UsageError` for a path that is one
+    of ``protected`` (the tool's input files), even with ``overwrite``.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for path in paths:
+        real = os.path.realpath(path)
+        for p in protected:
+            if p and os.path.realpath(p) == real:
+                raise UsageError(f"refusing to write over the input {path}; choose another output")
+        if not overwrite and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise OutputExistsError(f"{path} exists (use --overwrite to replace it)")

@@ -20,8 +20,11 @@ import numpy as np
 from detectron2.data import detection_utils
 from PIL import Image, ImageOps
 
-__all__ = ["HIGH_BIT_MODES", "read_image", "scale_to_uint8", "check_window", "image_size",
+__all__ = ["IMAGE_EXTENSIONS", "HIGH_BIT_MODES", "read_image", "scale_to_uint8", "check_window", "image_size",
            "decoded_images"]
+
+# file extensions read as images (dataset readers, tools/predict.py folders), lower case
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # Pillow modes of single-channel images with more than 8 bits per pixel
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")

@@ -8,7 +8,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
-from .errors import DatasetError, InputNotFoundError, OutputExistsError
+from .errors import DatasetError, InputNotFoundError
+from .fileio import check_can_write
 
 __all__ = ["load_coco_results", "draw_dataset_predictions", "draw_boxes"]
 
@@ -82,8 +83,7 @@ def draw_dataset_predictions(dataset_name, predictions, output_dir, num_images=8
     written = []
     for r in it:
         out = os.path.join(output_dir, f"{os.path.splitext(os.path.basename(r['file_name']))[0]}.png")
-        if os.path.exists(out) and not overwrite:
-            raise OutputExistsError(f"{out} exists (use --overwrite to replace it)")
+        check_can_write(out, overwrite)
         img = cv2.imread(r["file_name"], cv2.IMREAD_COLOR)
         if img is None:
             raise InputNotFoundError(f"cannot read image {r['file_name']}")

@@ -12,8 +12,8 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 
 from ..postprocess import detection_inference
 from .iou_branch import attach_pred_ious, rescore_with_iou
-from .ohem import OHEMSamplerMixin, SAMPLERS
-from .standard import build_defect_box_predictor, check_roi_heads_config, iou_branch_stages
+from .ohem import OHEMSamplerMixin
+from .standard import build_defect_box_predictor, check_roi_heads_config, check_sampler, iou_branch_stages
 from ...utils.errors import ConfigError
 
 __all__ = ["DefectCascadeROIHeads", "check_cascade_config"]
@@ -56,9 +56,7 @@ class DefectCascadeROIHeads(OHEMSamplerMixin, CascadeROIHeads):
     @configurable
     def __init__(self, *, stage_score_weights: List[float] = (), sampler: str = "random", **kwargs):
         super().__init__(**kwargs)
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {sampler!r}")
-        self.sampler = sampler
+        self.sampler = check_sampler(sampler)
         self.stage_score_weights = list(stage_score_weights)
 
     @classmethod

@@ -16,11 +16,17 @@ __all__ = ["DefectStandardROIHeads", "check_roi_heads_config", "build_defect_box
 BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
 
 
+def check_sampler(sampler):
+    """``MODEL.ROI_HEADS.SAMPLER`` (or the heads' ``sampler`` argument) must be one of :data:`SAMPLERS`."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {sampler!r}")
+    return sampler
+
+
 def check_roi_heads_config(cfg, num_stages=1):
     """Raise ``ValueError`` naming the key for a wrong value of the keys the project's ROI heads read."""
     ib = cfg.MODEL.ROI_BOX_HEAD.IOU_BRANCH
-    if cfg.MODEL.ROI_HEADS.SAMPLER not in SAMPLERS:
-        raise ConfigError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {cfg.MODEL.ROI_HEADS.SAMPLER!r}")
+    check_sampler(cfg.MODEL.ROI_HEADS.SAMPLER)
     loss_type = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE
     if loss_type not in BOX_REG_LOSS_TYPES:
         raise ConfigError(f"MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE must be one of {BOX_REG_LOSS_TYPES}, "
@@ -65,9 +71,7 @@ class DefectStandardROIHeads(OHEMSamplerMixin, StandardROIHeads):
     @configurable
     def __init__(self, *, sampler: str = "random", **kwargs):
         super().__init__(**kwargs)
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"MODEL.ROI_HEADS.SAMPLER must be one of {SAMPLERS}, got {sampler!r}")
-        self.sampler = sampler
+        self.sampler = check_sampler(sampler)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

@@ -408,7 +408,7 @@ def test_distributed_gathering_on_two_cpu_processes(tmp_path):
 # ---------------------------------------------------------------------------------------------- trainer
 def test_trainer_adds_defect_evaluator_per_dataset(synthetic_root, tmp_path):
     from conftest import SMALL_CONFIG, TINY_OPTS
-    from detectron2.evaluation import COCOEvaluator
+    from d2_defects.evaluation import FastCOCOEvaluator as COCOEvaluator
 
     from d2_defects.engine.launch import load_config
     from d2_defects.engine.trainer import Trainer
@@ -435,3 +435,25 @@ def test_trainer_adds_defect_evaluator_per_dataset(synthetic_root, tmp_path):
         assert metrics["settings"]["class_weights"] == f"thing_class_weights of {ds}"
         assert (folder / "defect_detections.json").exists()
     assert "defect" in json.loads((tmp_path / "eval_results.json").read_text())
+
+
+@pytest.mark.parametrize("record", [
+    {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5], "score": 0.5},
+    {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, float("nan")], "score": 0.5},
+    {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]},
+])
+def test_both_results_readers_share_one_check(tmp_path, synthetic_root, record):
+    """tools/ensemble.py (load_results) and tools/analyze_results.py (load_predictions) reject the same records."""
+    from d2_defects.evaluation import load_predictions
+    from d2_defects.evaluation.results import ResultsFileError, load_results
+
+    path = tmp_path / "r.json"
+    good = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}
+    path.write_text(json.dumps([good, record]))
+    with pytest.raises(ResultsFileError, match=f"{path}: detection 1 is not"):
+        load_results(str(path))
+    with pytest.raises(ResultsFileError, match=f"{path}: image id 1, detection 1 is not"):
+        load_predictions(str(path), "tiny_defects_val")
+    path.write_text(json.dumps([good]))
+    assert load_results(str(path)) == [good]
+    assert len(load_predictions(str(path), "tiny_defects_val")[0]["boxes"]) == 1

@@ -3,16 +3,15 @@
 Used by :class:`~d2_defects.evaluation.DefectEvaluator` and by ``tools/analyze_results.py`` /
 ``tools/tune_thresholds.py``.
 """
-import json
 import math
-import os
 
 import numpy as np
 from detectron2.structures import BoxMode
 
 from .ap import accumulate, match_detections
 from .iou_rules import resolve_iou
-from ..utils.errors import InputNotFoundError, ConfigError, DatasetError
+from .results import ResultsFileError, check_detection, read_results_json
+from ..utils.errors import ConfigError, DatasetError
 
 __all__ = [
     "DefectEvalSettings",
@@ -326,17 +325,11 @@ def load_predictions(path, dataset_name):
         list[dict]: per image ``image_id``, ``boxes`` (N, 4) XYWH, ``scores``, ``classes`` (contiguous),
         ``defect_score`` (or None).
     Raises:
-        FileNotFoundError, ValueError: naming the file and the record.
+        ResultsFileError: naming the file and the record (a missing file, bad json, a malformed detection).
     """
     from detectron2.data import MetadataCatalog
 
-    if not os.path.isfile(path):
-        raise InputNotFoundError(path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not a valid json file: {e}") from None
+    data = read_results_json(path)
     id_map = getattr(MetadataCatalog.get(dataset_name), "thing_dataset_id_to_contiguous_id", None)
     if id_map is None:
         raise DatasetError(f"dataset {dataset_name!r} is not registered (no thing_dataset_id_to_contiguous_id)")
@@ -344,14 +337,10 @@ def load_predictions(path, dataset_name):
     def entry(image_id, dets, where, defect_score=None):
         boxes, scores, classes = [], [], []
         for j, d in enumerate(dets):
-            try:
-                cid, box, score = d["category_id"], [float(v) for v in d["bbox"]], float(d["score"])
-            except (KeyError, TypeError, ValueError):
-                raise DatasetError(f"{path}: {where}, detection {j}: needs category_id, bbox [x, y, w, h], score") from None
+            check_detection(d, f"{path}: {where}, detection {j}")
+            cid, box, score = d["category_id"], [float(v) for v in d["bbox"]], float(d["score"])
             if cid not in id_map:
-                raise DatasetError(f"{path}: {where}, detection {j}: category id {cid} unknown to {dataset_name}")
-            if len(box) != 4:
-                raise DatasetError(f"{path}: {where}, detection {j}: bbox must have 4 numbers")
+                raise ResultsFileError(f"{path}: {where}, detection {j}: category id {cid} unknown to {dataset_name}")
             boxes.append(box)
             scores.append(score)
             classes.append(id_map[cid])
@@ -362,19 +351,19 @@ def load_predictions(path, dataset_name):
     if isinstance(data, dict) and "images" in data:
         data = data["images"]
     if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a list of detections or of per-image entries")
+        raise ResultsFileError(f"{path}: expected a list of detections or of per-image entries")
     out = []
     if data and isinstance(data[0], dict) and "instances" in data[0]:
         for i, e in enumerate(data):
             if not isinstance(e, dict) or "image_id" not in e or "instances" not in e:
-                raise DatasetError(f"{path}: entry {i}: needs image_id and instances")
+                raise ResultsFileError(f"{path}: entry {i}: needs image_id and instances")
             out.append(entry(e["image_id"], e["instances"], f"entry {i} (image id {e['image_id']})",
                              e.get("defect_score")))
         return out
     per_image = {}
     for i, d in enumerate(data):
         if not isinstance(d, dict) or "image_id" not in d:
-            raise DatasetError(f"{path}: detection {i}: needs image_id")
+            raise ResultsFileError(f"{path}: detection {i}: needs image_id")
         per_image.setdefault(d["image_id"], []).append((i, d))
     for image_id, items in per_image.items():
         e = entry(image_id, [d for _, d in items], f"image id {image_id}")

@@ -1,48 +1,16 @@
 """Ensembling COCO results files (``tools/ensemble.py``) and scoring them on a registered dataset."""
 import contextlib
 import io
-import json
 import os
 from collections import defaultdict
 
-import numpy as np
 import torch
 
-from ..modeling.postprocess import PostprocessParams
-from ..utils.errors import DatasetError
+from ..evaluation.results import ResultsFileError, load_results
 from ..modeling.merge import merge_detections
+from ..modeling.postprocess import PostprocessParams
 
 __all__ = ["ResultsFileError", "load_results", "ensemble_results", "evaluate_results"]
-
-
-class ResultsFileError(DatasetError):
-    """A results file that is missing, not a COCO results list, or has a malformed record."""
-
-
-def load_results(path):
-    """
-    Read and check a COCO results json (a list of ``{"image_id", "category_id", "bbox": XYWH, "score"}``).
-
-    Raises:
-        ResultsFileError: naming the file and the first bad record.
-    """
-    if not os.path.isfile(path):
-        raise ResultsFileError(f"results file not found: {path}")
-    try:
-        with open(path) as f:
-            dets = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultsFileError(f"{path}: not a json file ({e})") from None
-    if not isinstance(dets, list):
-        raise ResultsFileError(f"{path}: expected a list of detections (COCO results format), got {type(dets).__name__}")
-    for i, d in enumerate(dets):
-        ok = (isinstance(d, dict) and {"image_id", "category_id", "bbox", "score"} <= d.keys()
-              and isinstance(d["bbox"], list) and len(d["bbox"]) == 4
-              and all(isinstance(v, (int, float)) and np.isfinite(v) for v in d["bbox"] + [d["score"]]))
-        if not ok:
-            raise ResultsFileError(f"{path}: detection {i} is not {{image_id, category_id, bbox: [x, y, w, h], "
-                                   f"score}}: {str(d)[:200]}")
-    return dets
 
 
 def _by_image(dets):

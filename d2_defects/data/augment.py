@@ -65,6 +65,7 @@ def _check_range(key, r):
 
 
 def check_prob(key, p):
+    """``p`` as a float; :class:`ConfigError` naming ``key`` unless it lies in [0, 1]."""
     if not 0.0 <= float(p) <= 1.0:
         raise ConfigError(f"{key} must be a probability in [0, 1], got {p}")
     return float(p)

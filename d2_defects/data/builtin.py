@@ -15,6 +15,7 @@ SYNTHETIC_DIRNAME = "synthetic_defects"
 
 
 def datasets_root():
+    """The folder of the built-in datasets: ``$DETECTRON2_DATASETS``, default ``./datasets``."""
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 

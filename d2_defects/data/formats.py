@@ -174,6 +174,13 @@ def _ambiguity_problems(ambiguous, what):
 
 
 def read_voc(ann_dir, image_root, classes=None, progress=None, problems=None):
+    """A folder of Pascal VOC XML files (recursive) and its images -> COCO dict (see the module docstring).
+
+    Args:
+        classes (list[str] or None): class order (None: sorted labels found); other labels keep their name.
+        progress (bool or None): tqdm bar over the files; problems (list or None): collects reading problems
+            (None: they raise one :class:`DatasetError`).
+    """
     b = _Builder(classes, ann_dir)
     index = _ImageIndex(image_root)
     found, used = [], set()
@@ -256,6 +263,9 @@ def _yolo_class_names(label_dir):
 
 
 def read_yolo(label_dir, image_root, classes=None, progress=None, problems=None):
+    """A folder of YOLO ``.txt`` labels and its images -> COCO dict (every image listed; no txt: a normal image).
+    Arguments as :func:`read_voc`; index names from ``classes.txt`` / ``data.yaml`` near the labels, else ``classes``.
+    """
     if not os.path.isdir(label_dir):
         raise InputNotFoundError(f"YOLO label folder not found: {label_dir}")
     # the txt files hold indices into classes.txt / data.yaml; ``classes`` only orders the output
@@ -325,6 +335,9 @@ def read_yolo(label_dir, image_root, classes=None, progress=None, problems=None)
 
 
 def read_labelme(json_dir, image_root, classes=None, progress=None, problems=None):
+    """A folder of labelme JSON files and its images -> COCO dict (rectangles and polygons give boxes).
+    Arguments as :func:`read_voc`.
+    """
     b = _Builder(classes, json_dir)
     index = _ImageIndex(image_root)
     found = []
@@ -434,6 +447,7 @@ def _public(coco):
 
 
 def write_coco(coco, path):
+    """Write ``coco`` (without the readers' private keys) as a COCO json file at ``path``; returns ``[path]``."""
     coco = _public(coco)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -450,6 +464,7 @@ def _per_image(coco):
 
 
 def write_voc(coco, out_dir):
+    """One Pascal VOC XML per image into ``out_dir`` (1-based corners); returns the paths written."""
     anns, names = _per_image(coco)
     written = []
     for img in coco["images"]:
@@ -474,6 +489,8 @@ def write_voc(coco, out_dir):
 
 
 def write_yolo(coco, out_dir):
+    """One YOLO ``.txt`` per image (normalised ``class cx cy w h``) and ``classes.txt`` into ``out_dir``; returns the
+    paths written."""
     anns, _ = _per_image(coco)
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(cats)}
@@ -496,6 +513,7 @@ def write_yolo(coco, out_dir):
 
 
 def write_labelme(coco, out_dir, image_root):
+    """One labelme JSON per image (rectangles; ``imagePath`` relative to ``out_dir``); returns the paths written."""
     anns, names = _per_image(coco)
     written = []
     for img in coco["images"]:

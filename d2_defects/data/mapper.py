@@ -30,6 +30,7 @@ def high_bit_window(cfg):
 
 
 def defect_augmentations_enabled(cfg):
+    """Whether any of the project's augmentations (vflip, rot90, photometric, copy-paste) is on in ``cfg``."""
     i = cfg.INPUT
     return i.VFLIP.ENABLED or i.ROT90.ENABLED or i.PHOTOMETRIC.ENABLED or i.COPY_PASTE.ENABLED
 

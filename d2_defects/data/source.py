@@ -18,6 +18,8 @@ __all__ = ["add_source_args", "load_source", "records_to_coco"]
 
 
 def add_source_args(parser, required=True):
+    """Add the input-dataset options (``--dataset``/``--manifest`` or ``--format/--annotations/--images``,
+    ``--classes``, ``--ignore``, ``--validation``) to ``parser``; returns the argument group."""
     g = parser.add_argument_group("input dataset")
     g.add_argument("--dataset", help="registered dataset name (builtin, or from --manifest/--config)")
     g.add_argument("--manifest", help="YAML datasets manifest to register first")

@@ -15,7 +15,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 STAMP="$VENV/.d2_defects-bootstrap"
-want_stamp="$(cat "$ROOT/requirements.txt" "$ROOT/detectron2.lock" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+want_stamp="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-oracles.txt" "$ROOT/detectron2.lock" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
 
 if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] \
    && "$PY" -c "import detectron2.modeling, d2_defects" 2>/dev/null; then
@@ -43,6 +43,10 @@ fi
 echo "[bootstrap] installing pinned dependencies"
 grep -vE '^\s*(#|$)|^torch(vision)?[=<>]' "$ROOT/requirements.txt" > "$VENV/.reqs.txt"
 "${PIP[@]}" -r "$VENV/.reqs.txt"
+
+# test oracles (sahi's slicing): their own folder, no dependencies resolved, invisible to pip check
+echo "[bootstrap] installing test oracles into $VENV/oracles"
+"${PIP[@]}" --no-deps --upgrade --target "$VENV/oracles" -r "$ROOT/requirements-oracles.txt"
 
 # detectron2: keep a working one, otherwise repack the pure-Python wheel (see detectron2.lock).
 if "$PY" -c "import detectron2.modeling, detectron2.engine" 2>/dev/null; then

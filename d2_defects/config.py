@@ -33,6 +33,7 @@ def add_defects_config(cfg):
     _add_ema_config(cfg)
     _add_defect_eval_config(cfg)
     _add_tta_config(cfg)
+    _add_slice_config(cfg)
     return cfg
 
 
@@ -213,6 +214,27 @@ def _add_tta_config(cfg):
     cfg.TEST.AUG.MERGE = "nms"
     # IoU above which boxes of one class are fused by "wbf" (fraction).
     cfg.TEST.AUG.WBF_IOU_THRESH = 0.55
+
+
+def _add_slice_config(cfg):
+    """Sliced inference of large images (``d2_defects.modeling.slicing``, docs/slicing.md)."""
+    cfg.TEST.SLICE = CN()
+    # Run the model on overlapping tiles of each test image (at its original resolution) and merge, bool.
+    cfg.TEST.SLICE.ENABLED = False
+    # Tile (height, width) in px of the original image; each tile is then resized like any test image
+    # (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
+    cfg.TEST.SLICE.SIZE = (512, 512)
+    # Fraction of a tile shared with its neighbour (tiles start every size - int(OVERLAP * size) px), in [0, 1).
+    cfg.TEST.SLICE.OVERLAP = 0.2
+    # Also run the whole image, resized as usual, as one more view (defects larger than a tile), bool.
+    cfg.TEST.SLICE.INCLUDE_FULL = True
+    # Tiles per forward pass (peak memory: this many resized tiles), count.
+    cfg.TEST.SLICE.BATCH = 4
+    # How the detections of all tiles (and views) are merged: "nms" (the heads' postprocessing, soft-NMS when
+    # MODEL.SOFT_NMS.ENABLED), "soft_nms" or "wbf" (weighted boxes fusion), as TEST.AUG.MERGE.
+    cfg.TEST.SLICE.MERGE = "nms"
+    # IoU above which "wbf" fuses two boxes of one class (fraction).
+    cfg.TEST.SLICE.WBF_IOU_THRESH = 0.55
 
 
 def _all_keys(cfg, prefix=""):

@@ -22,6 +22,11 @@ TINY_OPTS = [
 
 torch.set_num_threads(2)
 
+# test oracles installed outside site-packages by bootstrap.sh (requirements-oracles.txt): e.g. sahi.slicing
+ORACLES = os.path.join(sys.prefix, "oracles")
+if os.path.isdir(ORACLES) and ORACLES not in sys.path:
+    sys.path.append(ORACLES)
+
 
 def _drop_closed_stream_handlers():
     loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values()

@@ -212,6 +212,8 @@ def test_missing_runtime_package_is_named(models, tmp_path, monkeypatch):
 def test_settings_that_cannot_be_exported_name_the_key(tmp_path):
     with pytest.raises(ExportError, match="TEST.AUG.ENABLED"):
         check_exportable(load_config(CONFIGS["cascade"], TINY_OPTS + ["TEST.AUG.ENABLED", "True"]))
+    with pytest.raises(ExportError, match="TEST.SLICE.ENABLED"):
+        check_exportable(load_config(CONFIGS["cascade"], TINY_OPTS + ["TEST.SLICE.ENABLED", "True"]))
     with pytest.raises(ExportError, match="MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD=0.2"):
         check_exportable(load_config(CONFIGS["defect_rcnn"], TINY_OPTS + ["MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD", "0.2"]))
     check_exportable(load_config(CONFIGS["defect_rcnn"], TINY_OPTS))

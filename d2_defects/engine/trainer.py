@@ -9,7 +9,7 @@ import torch
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PeriodicWriter
-from detectron2.evaluation import DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -183,7 +183,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        results = super().test(cfg, model, evaluators)
+        """Detectron2's evaluation on every ``DATASETS.TEST`` entry; with ``TEST.SLICE.ENABLED`` the model runs
+        as a :class:`SlicedDetector` on the full-resolution images (the evaluation after training too)."""
+        if cfg.TEST.SLICE.ENABLED:
+            from ..modeling.slicing import SlicedDetector
+
+            logging.getLogger("d2_defects").info("Running sliced inference (TEST.SLICE) ...")
+            results = cls._test_full_resolution(cfg, SlicedDetector(cfg, model), "inference", evaluators)
+        else:
+            results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and results:
             write_eval_report(results, cfg.OUTPUT_DIR)
         return results
@@ -216,29 +224,39 @@ class Trainer(DefaultTrainer):
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
+    def _test_full_resolution(cls, cfg, model, folder, evaluators=None):
+        """Evaluate a model wrapper that resizes by itself (TTA, slicing) on images loaded at full resolution."""
+        from detectron2.data import build_detection_test_loader
+        from detectron2.evaluation import inference_on_dataset
+
+        from ..data.mapper import build_defect_test_mapper
+
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        results = OrderedDict()
+        for i, name in enumerate(cfg.DATASETS.TEST):
+            loader = build_detection_test_loader(cfg, name, mapper=build_defect_test_mapper(cfg, augmentations=[]))
+            evaluator = evaluators[i] if evaluators is not None else \
+                cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, folder, name))
+            results[name] = inference_on_dataset(model, loader, evaluator)
+        if len(results) == 1:
+            results = list(results.values())[0]
+        return results
+
+    @classmethod
     def test_with_TTA(cls, cfg, model):
         """
         Evaluate ``model`` wrapped in :class:`DefectTTA` (``TEST.AUG.*``) on every ``DATASETS.TEST`` entry.
         Images are loaded at full resolution (the augmentation resizes them). Results are keyed
         ``<task>_TTA`` and also written to ``OUTPUT_DIR/eval_tta_results.json`` and ``eval_tta_tables.md``.
         """
-        from detectron2.data import build_detection_test_loader
-        from detectron2.evaluation import inference_on_dataset
-
-        from ..data.mapper import build_defect_test_mapper
+        from ..modeling.slicing import SlicedDetector
         from ..modeling.tta import DefectTTA
 
         logging.getLogger("d2_defects").info("Running inference with test-time augmentation ...")
-        tta_model = DefectTTA(cfg, model)
-        results = OrderedDict()
-        for name in cfg.DATASETS.TEST:
-            loader = build_detection_test_loader(
-                cfg, name, mapper=build_defect_test_mapper(cfg, augmentations=[])
-            )
-            evaluator = cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
-            results[name] = inference_on_dataset(tta_model, loader, evaluator)
-        if len(results) == 1:
-            results = list(results.values())[0]
+        # with TEST.SLICE every tile's views join one merge
+        tta_model = SlicedDetector(cfg, model, tta=True) if cfg.TEST.SLICE.ENABLED else DefectTTA(cfg, model)
+        results = cls._test_full_resolution(cfg, tta_model, "inference_TTA")
         results = OrderedDict((k + "_TTA", v) for k, v in results.items())
         if comm.is_main_process() and results:
             write_eval_report(results, cfg.OUTPUT_DIR, prefix="eval_tta")

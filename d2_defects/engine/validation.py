@@ -67,7 +67,7 @@ def validate_config(cfg):
     - ``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS`` / ``MODEL.SOFT_NMS.*`` values;
     - ``MODEL.FREEZE.SCHEME``;
     - ``SOLVER.SWA.*`` and ``MODEL_EMA.*`` (when enabled);
-    - ``TEST.AUG.*`` (when ``TEST.AUG.ENABLED``);
+    - ``TEST.AUG.*`` (when ``TEST.AUG.ENABLED``) and ``TEST.SLICE.*`` (when ``TEST.SLICE.ENABLED``);
     - ``TEST.DEFECT_EVAL.*`` (when enabled), including the class weights against every test dataset.
     """
     from ..data.augment import check_augmentation_config
@@ -76,6 +76,7 @@ def validate_config(cfg):
     from ..evaluation.scoring import defect_eval_settings
     from ..modeling.freeze import FREEZE_SCHEMES
     from ..modeling.postprocess import PostprocessParams
+    from ..modeling.slicing import slice_options
     from ..modeling.tta import tta_options
     from .ema import validate_ema_config
     from .swa import validate_swa_config
@@ -105,6 +106,8 @@ def validate_config(cfg):
     validate_ema_config(cfg)
     if cfg.TEST.AUG.ENABLED:
         tta_options(cfg)
+    if cfg.TEST.SLICE.ENABLED:
+        slice_options(cfg)
     if cfg.TEST.DEFECT_EVAL.ENABLED:
         settings = defect_eval_settings(cfg)
         for name in cfg.DATASETS.TEST:

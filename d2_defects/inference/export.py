@@ -60,11 +60,14 @@ class ExportError(DefectsError, RuntimeError):
 def check_exportable(cfg):
     """
     Raise :class:`ExportError` naming the key for settings the exported graph cannot reproduce (checked before
-    the model is built): test-time augmentation, and DefectRCNN's per-image skipping of the heads.
+    the model is built): test-time augmentation, sliced inference, and DefectRCNN's per-image skipping of the heads.
     """
     if cfg.TEST.AUG.ENABLED:
         raise ExportError("TEST.AUG.ENABLED: test-time augmentation is not part of the exported graph; export "
                           "with TEST.AUG.ENABLED False (the parity check compares plain inference)")
+    if cfg.TEST.SLICE.ENABLED:
+        raise ExportError("TEST.SLICE.ENABLED: sliced inference runs the exported model per tile from Python, it is "
+                          "not part of the graph; export with TEST.SLICE.ENABLED False")
     if cfg.MODEL.META_ARCHITECTURE == "DefectRCNN" and cfg.MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD > 0:
         raise ExportError(
             f"cannot trace DefectRCNN: MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD={cfg.MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD}"

@@ -84,7 +84,8 @@ class BatchPredictor:
     def __init__(self, cfg, model=None):
         """
         Args:
-            cfg (CfgNode): model config; ``MODEL.DEVICE`` chooses CPU/CUDA, ``TEST.AUG.ENABLED`` turns on TTA.
+            cfg (CfgNode): model config; ``MODEL.DEVICE`` chooses CPU/CUDA, ``TEST.AUG.ENABLED`` turns on TTA,
+                ``TEST.SLICE.ENABLED`` sliced inference.
             model (nn.Module or None): an already built model (weights are then not loaded).
         """
         self.cfg = cfg.clone()
@@ -97,7 +98,12 @@ class BatchPredictor:
             if cfg.MODEL.WEIGHTS:
                 DefectCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         model.eval()
-        if cfg.TEST.AUG.ENABLED:
+        if cfg.TEST.SLICE.ENABLED:
+            from ..modeling.slicing import SlicedDetector
+
+            model = SlicedDetector(cfg, model, tta=cfg.TEST.AUG.ENABLED).eval()
+            self.resize = None  # slicing (and TTA) resize by themselves
+        elif cfg.TEST.AUG.ENABLED:
             from ..modeling.tta import DefectTTA
 
             model = DefectTTA(cfg, model).eval()

@@ -20,7 +20,7 @@ from .postprocess import PostprocessParams
 from ..utils.errors import ConfigError
 from ..utils.modules import unwrap_model
 
-__all__ = ["DefectTTA", "tta_options", "model_num_classes"]
+__all__ = ["DefectTTA", "tta_options", "model_num_classes", "detections_to_instances", "mean_scalars"]
 
 
 def model_num_classes(model):
@@ -110,11 +110,15 @@ class DefectTTA(nn.Module):
         return [self._inference_one(x) for x in batched_inputs]
 
     @torch.no_grad()
-    def _inference_one(self, inp):
-        from .merge import merge_detections
+    def view_detections(self, image, h, w):
+        """
+        Run the model on every augmented view of ``image`` (C, H, W at the resolution the views are resized
+        from) and map the detections into an (h, w) frame, flips undone.
 
-        image = inp["image"]
-        h, w = int(inp.get("height", image.shape[-2])), int(inp.get("width", image.shape[-1]))
+        Returns:
+            lists, one entry per view: boxes (N_i, 4) XYXY, scores (N_i,), classes (N_i,), image-level extras
+            (dict of the model's other outputs). Sliced inference merges the views of all tiles at once.
+        """
         augmented = list(self._augmented_images(image))
         boxes, scores, classes, extras = [], [], [], []
         for i in range(0, len(augmented), self.batch_size):
@@ -132,20 +136,40 @@ class DefectTTA(nn.Module):
                 boxes.append(b)
                 scores.append(inst.scores)
                 classes.append(inst.pred_classes)
+        return boxes, scores, classes, extras
+
+    @torch.no_grad()
+    def _inference_one(self, inp):
+        from .merge import merge_detections
+
+        image = inp["image"]
+        h, w = int(inp.get("height", image.shape[-2])), int(inp.get("width", image.shape[-1]))
+        boxes, scores, classes, extras = self.view_detections(image, h, w)
         if len(boxes) == 1:
             # one view: the model's own detections (re-running NMS on clipped boxes could drop some)
             b, s, c = boxes[0], scores[0], classes[0]
         else:
             b, s, c = merge_detections(boxes, scores, classes, (h, w), self.options["merge"], self.params,
                                        wbf_iou_thresh=self.options["wbf_iou_thresh"])
-        result = Instances((h, w))
-        result.pred_boxes = Boxes(b)
-        result.scores = s
-        result.pred_classes = c
-        ret = {"instances": result}
-        # image-level scalars some models add (e.g. DefectRCNN's "defect_score"): mean over the views
-        for k, v in extras[0].items():
-            vals = [e.get(k) for e in extras]
-            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-                ret[k] = float(sum(vals) / len(vals))
+        ret = {"instances": detections_to_instances((h, w), b, s, c)}
+        ret.update(mean_scalars(extras))  # e.g. DefectRCNN's "defect_score": mean over the views
         return ret
+
+
+def detections_to_instances(image_size, boxes, scores, classes):
+    """An ``Instances`` of ``image_size`` (h, w) with ``pred_boxes``, ``scores`` and ``pred_classes``."""
+    result = Instances(image_size)
+    result.pred_boxes = Boxes(boxes)
+    result.scores = scores
+    result.pred_classes = classes
+    return result
+
+
+def mean_scalars(extras):
+    """The image-level scalar outputs (e.g. ``defect_score``) of several views of one image, averaged."""
+    ret = {}
+    for k in extras[0] if extras else ():
+        vals = [e.get(k) for e in extras]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            ret[k] = float(sum(vals) / len(vals))
+    return ret

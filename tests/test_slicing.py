@@ -1,0 +1,209 @@
+"""Sliced inference (d2_defects.modeling.slicing, TEST.SLICE.*): the tile grid against SAHI's, exact box mapping,
+one detection per object after the merge, plain inference when one tile is the image, config errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from conftest import ROOT, SMALL_CONFIG, TINY_OPTS, run_train_net
+from d2_defects.config import load_config
+from d2_defects.modeling.slicing import SlicedDetector, slice_options, tile_grid
+from d2_defects.utils.errors import ConfigError
+
+
+def _cfg(*opts):
+    return load_config(SMALL_CONFIG, TINY_OPTS + ["TEST.SLICE.ENABLED", "True", *map(str, opts)])
+
+
+# ------------------------------------------------------------------------------------------------- grid
+GRIDS = [(100, 130, 50, 50, 0.2), (512, 512, 128, 128, 0.25), (300, 200, 64, 96, 0.0), (40, 30, 64, 64, 0.2),
+         (64, 64, 64, 64, 0.5), (1000, 777, 256, 200, 0.1), (129, 257, 128, 128, 0.9)]
+
+
+@pytest.mark.parametrize("h,w,th,tw,ov", GRIDS)
+def test_grid_equals_sahi_get_slice_bboxes(h, w, th, tw, ov):
+    from sahi.slicing import get_slice_bboxes  # the oracle (requirements-oracles.txt)
+
+    expected = get_slice_bboxes(h, w, th, tw, auto_slice_resolution=False, overlap_height_ratio=ov,
+                                overlap_width_ratio=ov)
+    assert [list(t) for t in tile_grid(h, w, th, tw, ov)] == [list(b) for b in expected]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_grid_covers_every_pixel_with_tiles_inside_the_image(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 700, 2)
+    th, tw = rng.integers(16, 300, 2)
+    ov = float(rng.uniform(0, 0.95))
+    tiles = tile_grid(h, w, th, tw, ov)
+    covered = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in tiles:
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert (y1 - y0, x1 - x0) == (min(th, h), min(tw, w))  # border tiles are shifted, never cut or padded
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    assert len(set(tiles)) == len(tiles)
+
+
+def test_image_smaller_than_a_tile_is_one_tile():
+    assert tile_grid(30, 40, 64, 64, 0.2) == [(0, 0, 40, 30)]
+
+
+# ------------------------------------------------------------------------------------ a fake detector
+class BrightBoxDetector(nn.Module):
+    """Finds the bright (> 128) pixels of each input as one box of class 0 (score 0.9), mapped from the model input
+    to the input's height/width like a detector's postprocessing; ``defect_score`` = the view's mean brightness.
+    Records every input it sees."""
+
+    num_classes = 1
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, batched_inputs):
+        outs = []
+        for x in batched_inputs:
+            img = x["image"].float()
+            self.seen.append(tuple(img.shape[-2:]))
+            h, w = x["height"], x["width"]
+            sy, sx = h / img.shape[-2], w / img.shape[-1]
+            ys, xs = torch.nonzero(img.max(0).values > 128, as_tuple=True)
+            inst = Instances((h, w))
+            if len(xs):
+                box = [[xs.min() * sx, ys.min() * sy, (xs.max() + 1) * sx, (ys.max() + 1) * sy]]
+                inst.pred_boxes = Boxes(torch.tensor(box, dtype=torch.float32))
+                inst.scores = torch.tensor([0.9])
+                inst.pred_classes = torch.tensor([0])
+            else:
+                inst.pred_boxes = Boxes(torch.zeros((0, 4)))
+                inst.scores = torch.zeros(0)
+                inst.pred_classes = torch.zeros(0, dtype=torch.int64)
+            outs.append({"instances": inst, "defect_score": float(img.mean() / 255)})
+        return outs
+
+
+def _image(h, w, box):
+    img = torch.zeros((3, h, w), dtype=torch.uint8)
+    x0, y0, x1, y1 = box
+    img[:, y0:y1, x0:x1] = 255
+    return img
+
+
+def _run(cfg, img, tta=False):
+    model = BrightBoxDetector()
+    sliced = SlicedDetector(cfg, model, tta=tta).eval()
+    out = sliced([{"image": img, "height": img.shape[-2], "width": img.shape[-1]}])[0]
+    return out, model
+
+
+def test_an_object_in_two_overlapping_tiles_comes_back_once_at_its_exact_place():
+    # tiles of 64 with overlap 0.25 start at 0, 48, 96: the box [52, 20, 60, 30] lies in tiles 0 and 1 of row 0
+    cfg = _cfg("TEST.SLICE.SIZE", "(64, 64)", "TEST.SLICE.OVERLAP", 0.25, "TEST.SLICE.INCLUDE_FULL", False,
+               "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 1000, "TEST.SLICE.BATCH", 3)
+    out, model = _run(cfg, _image(160, 160, (52, 20, 60, 30)))
+    assert len(model.seen) == 9 and set(model.seen) == {(64, 64)}  # 3 x 3 tiles at their own size
+    inst = out["instances"]
+    assert len(inst) == 1
+    assert inst.pred_boxes.tensor.tolist() == [[52.0, 20.0, 60.0, 30.0]]
+    assert out["defect_score"] == pytest.approx(max(80 / 4096, 0.0))  # max over tiles: 8x10 px of 64x64 in one
+
+
+def test_tiles_are_resized_like_test_images_and_boxes_scale_back():
+    # tiles of 50 resized to a short side of 100: the detector sees 100x100 and reports in tile pixels
+    cfg = _cfg("TEST.SLICE.SIZE", "(50, 50)", "TEST.SLICE.OVERLAP", 0.0, "TEST.SLICE.INCLUDE_FULL", False,
+               "INPUT.MIN_SIZE_TEST", 100, "INPUT.MAX_SIZE_TEST", 1000)
+    out, model = _run(cfg, _image(100, 150, (110, 60, 130, 90)))
+    assert len(model.seen) == 6 and set(model.seen) == {(100, 100)}
+    assert out["instances"].pred_boxes.tensor.tolist() == [[110.0, 60.0, 130.0, 90.0]]
+
+
+def test_include_full_adds_the_whole_image_and_gives_the_image_level_score():
+    cfg = _cfg("TEST.SLICE.SIZE", "(64, 64)", "TEST.SLICE.OVERLAP", 0.25, "TEST.SLICE.INCLUDE_FULL", True,
+               "INPUT.MIN_SIZE_TEST", 80, "INPUT.MAX_SIZE_TEST", 1000)
+    img = _image(160, 160, (52, 20, 60, 30))
+    out, model = _run(cfg, img)
+    assert len(model.seen) == 10 and model.seen[-1] == (80, 80)  # 9 tiles, then the image resized to 80
+    assert out["defect_score"] == pytest.approx(float(img.float().mean() / 255), rel=0.05)  # the full view's
+    assert len(out["instances"]) == 1
+
+
+def test_tta_views_of_every_tile_join_one_merge():
+    cfg = _cfg("TEST.SLICE.SIZE", "(64, 64)", "TEST.SLICE.OVERLAP", 0.25, "TEST.SLICE.INCLUDE_FULL", False,
+               "TEST.AUG.ENABLED", True, "TEST.AUG.MIN_SIZES", "(64,)", "TEST.AUG.MAX_SIZE", 1000,
+               "TEST.AUG.FLIP", True, "TEST.AUG.VFLIP", True)
+    out, model = _run(cfg, _image(160, 160, (52, 20, 60, 30)), tta=True)
+    assert len(model.seen) == 9 * 3  # every tile: itself, h-flipped, v-flipped
+    assert out["instances"].pred_boxes.tensor.tolist() == [[52.0, 20.0, 60.0, 30.0]]
+
+
+def test_one_tile_covering_the_image_is_exactly_plain_inference(synthetic_root):
+    from detectron2.data import DatasetCatalog
+
+    from d2_defects.data.mapper import build_defect_test_mapper
+
+    cfg = _cfg("MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "TEST.SLICE.SIZE", "(4000, 4000)")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    record = DatasetCatalog.get("tiny_defects_val")[0]
+    full = build_defect_test_mapper(cfg, augmentations=[])(dict(record))  # original resolution
+    plain = build_defect_test_mapper(cfg)(dict(record))  # resized by INPUT.MIN_SIZE_TEST, as in evaluation
+    assert plain["image"].shape != full["image"].shape
+    with torch.no_grad():
+        expected = model([plain])[0]["instances"]
+        got = SlicedDetector(cfg, model).eval()([full])[0]["instances"]
+    assert len(expected) > 0
+    assert torch.equal(got.pred_boxes.tensor, expected.pred_boxes.tensor)
+    assert torch.equal(got.scores, expected.scores) and torch.equal(got.pred_classes, expected.pred_classes)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("TEST.SLICE.SIZE", "(64,)", "TEST.SLICE.SIZE must be (height, width)"),
+    ("TEST.SLICE.SIZE", "(64, 0)", "TEST.SLICE.SIZE must be (height, width)"),
+    ("TEST.SLICE.OVERLAP", "1.0", "TEST.SLICE.OVERLAP must be a fraction in [0, 1)"),
+    ("TEST.SLICE.OVERLAP", "-0.1", "TEST.SLICE.OVERLAP must be a fraction in [0, 1)"),
+    ("TEST.SLICE.BATCH", "0", "TEST.SLICE.BATCH must be >= 1"),
+    ("TEST.SLICE.MERGE", "'max'", "TEST.SLICE.MERGE must be one of"),
+    ("TEST.SLICE.WBF_IOU_THRESH", "1.5", "TEST.SLICE.WBF_IOU_THRESH must be in (0, 1)"),
+])
+def test_bad_values_name_their_key(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        slice_options(_cfg(key, value))
+
+
+def test_bad_value_stops_eval_only_before_inference(synthetic_root, tmp_path):
+    proc = run_train_net(["--config-file", SMALL_CONFIG, "--eval-only", *TINY_OPTS, "TEST.SLICE.ENABLED", "True",
+                          "TEST.SLICE.OVERLAP", "1.5", "MODEL.WEIGHTS", str(tmp_path / "none.pth"),
+                          "DATASETS.TEST", "('synthetic_defects_val',)", "OUTPUT_DIR", str(tmp_path / "out")],
+                         synthetic_root, check=False)
+    assert proc.returncode == 2
+    assert "ERROR: config error: TEST.SLICE.OVERLAP must be a fraction in [0, 1); got 1.5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_only_and_predict_with_slicing(synthetic_root, tmp_path):
+    """train_net.py --eval-only and tools/predict.py run the sliced model end to end."""
+    from d2_defects.checkpoint import DefectCheckpointer
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    DefectCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("random")
+    opts = [*TINY_OPTS, "TEST.SLICE.ENABLED", "True", "TEST.SLICE.SIZE", "(48, 48)", "TEST.SLICE.OVERLAP", "0.2",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.WEIGHTS", str(tmp_path / "random.pth")]
+    proc = run_train_net(["--config-file", SMALL_CONFIG, "--eval-only", *opts, "DATASETS.TEST", "('synthetic_defects_val',)",
+                          "OUTPUT_DIR", str(tmp_path / "eval")], synthetic_root)
+    assert "Running sliced inference (TEST.SLICE)" in proc.stdout + proc.stderr
+    assert (tmp_path / "eval" / "inference" / "synthetic_defects_val" / "coco_instances_results.json").is_file()
+    images = os.path.join(synthetic_root, "synthetic_defects", "val")
+    env = dict(os.environ, DETECTRON2_DATASETS=synthetic_root)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "predict.py"),
+                           "--config-file", SMALL_CONFIG, "--input", images, "--output", str(tmp_path / "pred"),
+                           *opts], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "pred" / "results.json").is_file()

@@ -82,3 +82,44 @@ def test_cli_writes_coco_with_weights(tmp_path):
     assert [c["name"] for c in coco["categories"]] == list(CLASS_NAMES)
     assert abs(sum(c["weight"] for c in coco["categories"]) - 1) < 1e-9
     assert synthetic.CATEGORY_IDS != tuple(range(len(CLASS_NAMES)))  # non-contiguous ids are exercised
+
+
+def test_large_preset_has_large_images_and_small_defects():
+    sizes, normal, sides = set(), 0, []
+    for i in range(40):
+        img, env, anns = render_image(0, "train", i, preset="large")
+        h, w = img.shape[:2]
+        sizes.add((w, h, img.ndim == 2))
+        normal += not anns
+        for _, (x0, y0, x1, y1) in anns:
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            sides.append(max(x1 - x0, y1 - y0))
+    assert sizes == {(2048, 1536, True), (1600, 1200, False)}
+    assert 3 <= min(sides) and max(sides) <= 45 and np.median(sides) < 25  # a 1333-px resize shrinks them below 12 px
+    assert 0.05 < normal / 40 < 0.5
+    img, _, anns = render_image(0, "train", 3, preset="large")
+    img2, _, anns2 = render_image(0, "train", 3, preset="large")
+    np.testing.assert_array_equal(img, img2)
+    assert anns == anns2
+    # its own generator stream: not the default preset's image at a larger size
+    assert render_image(0, "train", 3)[2] != anns
+
+
+def test_cli_large_preset_is_registered_under_its_own_names(tmp_path):
+    from importlib import util
+
+    from detectron2.data import DatasetCatalog
+
+    from d2_defects.data.builtin import register_synthetic_defects
+
+    spec = util.spec_from_file_location("prep", os.path.join(os.path.dirname(__file__), "..", "datasets",
+                                                            "prepare_synthetic_defects.py"))
+    mod = util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--out", str(tmp_path), "--preset", "large", "--num-images", "5"]) == 0
+    assert not (tmp_path / "synthetic_defects").exists()
+    names = register_synthetic_defects(str(tmp_path), prefix="tmp_large", dirname="synthetic_defects_large")
+    assert names == ["tmp_large_train", "tmp_large_val"]
+    records = DatasetCatalog.get("tmp_large_train")  # passes the dataset checks
+    assert len(records) == 4 and {(r["width"], r["height"]) for r in records} <= {(2048, 1536), (1600, 1200)}
+    assert _read(tmp_path / "synthetic_defects_large" / "annotations" / "instances_val.json")["info"]["preset"] == "large"

@@ -5,7 +5,8 @@ Datasets live under ``$DETECTRON2_DATASETS`` (default ``./datasets``), like Dete
     $DETECTRON2_DATASETS/synthetic_defects/{train,val}/*.png
     $DETECTRON2_DATASETS/synthetic_defects/annotations/instances_{train,val}.json
 
-Create it with ``python datasets/prepare_synthetic_defects.py``.
+Create it with ``python datasets/prepare_synthetic_defects.py``; ``--preset large`` writes
+``synthetic_defects_large/`` (registered as ``synthetic_defects_large_{train,val}``).
 """
 import os
 
@@ -19,15 +20,14 @@ def datasets_root():
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
-def register_synthetic_defects(root=None, prefix="synthetic_defects"):
+def register_synthetic_defects(root=None, prefix="synthetic_defects", dirname=SYNTHETIC_DIRNAME):
     """
-    Register ``<prefix>_train`` / ``<prefix>_val`` from ``root/synthetic_defects`` (each split only if
-    its json exists).
+    Register ``<prefix>_train`` / ``<prefix>_val`` from ``root/<dirname>`` (each split only if its json exists).
 
     Returns:
         list[str]: the names registered.
     """
-    base = os.path.join(root or datasets_root(), SYNTHETIC_DIRNAME)
+    base = os.path.join(root or datasets_root(), dirname)
     names = []
     for split in ("train", "val"):
         json_file = os.path.join(base, "annotations", f"instances_{split}.json")
@@ -39,3 +39,4 @@ def register_synthetic_defects(root=None, prefix="synthetic_defects"):
 
 
 register_synthetic_defects()
+register_synthetic_defects(prefix="synthetic_defects_large", dirname="synthetic_defects_large")

@@ -8,6 +8,10 @@ holes; some defects overlap.
 
 Each image is drawn from its own ``numpy`` generator seeded by ``(seed, split, index)``, so the output is
 identical for a seed whatever the order or number of images written before it.
+
+Preset ``"large"`` (``datasets/prepare_synthetic_defects.py --preset large``): the same classes on 2048x1536
+grayscale and 1600x1200 RGB images, with small defects (about 4-40 px), a quarter of the images normal; the data
+of sliced inference (docs/slicing.md).
 """
 import math
 import os
@@ -16,6 +20,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..utils.errors import UsageError
 from ..utils.fileio import atomic_write_json
 
 # name, relative frequency, competition-style weight (weights sum to 1)
@@ -34,6 +39,15 @@ CATEGORY_IDS = (1, 2, 3, 5, 7, 9)
 
 # (name, width, height, grayscale, relative count)
 ENVIRONMENTS = (("rgb_small", 256, 192, False, 4), ("gray_large", 512, 384, True, 1))
+# Presets: "default" (the demo's data: defect sizes scale with the image width / 256) and "large" (large images
+# with small defects, about 4-40 px, for sliced inference: defect scale fixed at 0.45 of the default's 256-px sizes).
+PRESETS = {
+    "default": {"dirname": "synthetic_defects", "environments": ENVIRONMENTS, "defect_scale": None,
+                "num_images": 1000, "code": None},
+    "large": {"dirname": "synthetic_defects_large",
+              "environments": (("gray_xlarge", 2048, 1536, True, 1), ("rgb_large", 1600, 1200, False, 1)),
+              "defect_scale": 0.45, "num_images": 100, "code": 1},
+}
 NORMAL_FRACTION = 0.25
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 
@@ -66,9 +80,10 @@ def _color(gray, rgb, rng):
     return (float(c.mean()),) if gray else tuple(float(v) for v in c)
 
 
-def _draw_defect(rng, img, cls, w, h, gray):
-    """Draw one defect of class ``cls`` on ``img`` (float32 HxWxC, in place); return its XYXY box."""
-    scale = w / 256.0
+def _draw_defect(rng, img, cls, w, h, gray, scale=None):
+    """Draw one defect of class ``cls`` on ``img`` (float32 HxWxC, in place); return its XYXY box. ``scale``
+    multiplies the defect sizes (default: the image width / 256)."""
+    scale = w / 256.0 if scale is None else scale
     if cls == "scratch":  # thin bright straight line, extreme aspect ratio
         length = rng.uniform(30, 90) * scale
         ang = rng.choice([rng.uniform(-0.25, 0.25), rng.uniform(math.pi / 2 - 0.25, math.pi / 2 + 0.25)])
@@ -139,18 +154,21 @@ def _pt(p, mult=1):
     return (int(round(p[0] * mult)), int(round(p[1] * mult)))
 
 
-def render_image(seed, split, index):
+def render_image(seed, split, index, preset="default"):
     """
-    Render one image.
+    Render one image of a preset (:data:`PRESETS`).
 
     Returns:
         image (ndarray): uint8, HxWx3 (RGB environment, BGR order) or HxW (grayscale environment)
         env (str): environment name
         anns (list[(class_index, [x0, y0, x1, y1])]): boxes in absolute XYXY pixels
     """
-    rng = np.random.default_rng([seed, SPLIT_CODES.get(split, 0), index])
-    counts = np.array([e[4] for e in ENVIRONMENTS], np.float64)
-    env = ENVIRONMENTS[rng.choice(len(ENVIRONMENTS), p=counts / counts.sum())]
+    p = _preset(preset)
+    key = [seed, SPLIT_CODES.get(split, 0), index] + ([p["code"]] if p["code"] is not None else [])
+    rng = np.random.default_rng(key)
+    envs = p["environments"]
+    counts = np.array([e[4] for e in envs], np.float64)
+    env = envs[rng.choice(len(envs), p=counts / counts.sum())]
     name, w, h, gray, _ = env
     img = _background(rng, w, h, gray)
     anns = []
@@ -159,7 +177,7 @@ def render_image(seed, split, index):
         n = int(rng.choice([1, 1, 1, 2, 2, 3, 4]))
         for _ in range(n):
             c = int(rng.choice(len(CLASSES), p=freqs / freqs.sum()))
-            box = _draw_defect(rng, img, CLASS_NAMES[c], w, h, gray)
+            box = _draw_defect(rng, img, CLASS_NAMES[c], w, h, gray, p["defect_scale"])
             if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
                 anns.append((c, box))
     img = np.clip(img, 0, 255).astype(np.uint8)
@@ -168,7 +186,13 @@ def render_image(seed, split, index):
     return img, name, anns
 
 
-def generate_split(out_dir, split, num_images, seed=0, progress=True):
+def _preset(name):
+    if name not in PRESETS:
+        raise UsageError(f"unknown synthetic preset {name!r}; use one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def generate_split(out_dir, split, num_images, seed=0, progress=True, preset="default"):
     """
     Write ``num_images`` images to ``out_dir/<split>/`` and the COCO json
     ``out_dir/annotations/instances_<split>.json``.
@@ -183,7 +207,7 @@ def generate_split(out_dir, split, num_images, seed=0, progress=True):
     images, annotations = [], []
     ann_id = 1
     for i in tqdm(range(num_images), desc=f"synthetic {split}", disable=not progress):
-        img, env, anns = render_image(seed, split, i)
+        img, env, anns = render_image(seed, split, i, preset)
         file_name = f"{split}_{i:06d}.png"
         cv2.imwrite(os.path.join(img_dir, file_name), img)
         images.append(
@@ -203,7 +227,7 @@ def generate_split(out_dir, split, num_images, seed=0, progress=True):
             )
             ann_id += 1
     coco = {
-        "info": {"description": "d2_defects synthetic defects", "seed": seed, "split": split},
+        "info": {"description": "d2_defects synthetic defects", "seed": seed, "split": split, "preset": preset},
         "images": images,
         "annotations": annotations,
         "categories": [
@@ -216,15 +240,15 @@ def generate_split(out_dir, split, num_images, seed=0, progress=True):
     return json_file
 
 
-def generate_dataset(out_dir, num_images=1000, seed=0, val_fraction=0.2, progress=True):
+def generate_dataset(out_dir, num_images=1000, seed=0, val_fraction=0.2, progress=True, preset="default"):
     """
-    Generate the train and val splits (``num_images`` in total) under ``out_dir``.
+    Generate the train and val splits (``num_images`` in total) of a preset (:data:`PRESETS`) under ``out_dir``.
 
     Returns:
         dict: split name -> path of its COCO json
     """
     num_val = int(round(num_images * val_fraction))
     return {
-        "train": generate_split(out_dir, "train", num_images - num_val, seed, progress),
-        "val": generate_split(out_dir, "val", num_val, seed, progress),
+        "train": generate_split(out_dir, "train", num_images - num_val, seed, progress, preset),
+        "val": generate_split(out_dir, "val", num_val, seed, progress, preset),
     }

@@ -217,7 +217,23 @@ def _add_tta_config(cfg):
 
 
 def _add_slice_config(cfg):
-    """Sliced inference of large images (``d2_defects.modeling.slicing``, docs/slicing.md)."""
+    """Sliced training and inference of large images (``d2_defects.data.slicing``, ``d2_defects.modeling.slicing``,
+    docs/slicing.md)."""
+    cfg.INPUT.SLICE = CN()
+    # Train on tiles of the training images (cut at load time, nothing written), bool.
+    cfg.INPUT.SLICE.ENABLED = False
+    # Tile (height, width) in px of the original image; each tile is then resized like any training image
+    # (INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN).
+    cfg.INPUT.SLICE.SIZE = (512, 512)
+    # Fraction of a tile shared with its neighbour (tiles start every size - int(OVERLAP * size) px), in [0, 1).
+    cfg.INPUT.SLICE.OVERLAP = 0.2
+    # A box cut by a tile is kept, clipped, when at least this fraction of its area is inside; a tile that cuts a box
+    # below it (but not to zero) is dropped, so that no defect pixels are taught as background. Fraction in (0, 1].
+    cfg.INPUT.SLICE.MIN_VISIBLE = 0.5
+    # Tiles without defects kept as negatives, per tile with defects (drawn once, seeded by SEED), >= 0.
+    cfg.INPUT.SLICE.EMPTY_RATIO = 1.0
+    # Also train on every whole image (resized as usual), as TEST.SLICE.INCLUDE_FULL runs it at test time, bool.
+    cfg.INPUT.SLICE.INCLUDE_FULL = True
     cfg.TEST.SLICE = CN()
     # Run the model on overlapping tiles of each test image (at its original resolution) and merge, bool.
     cfg.TEST.SLICE.ENABLED = False

@@ -207,3 +207,132 @@ def test_eval_only_and_predict_with_slicing(synthetic_root, tmp_path):
                            *opts], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "pred" / "results.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ sliced training
+def _record(boxes, h=100, w=100, image_id=1):
+    from detectron2.structures import BoxMode
+
+    return {"file_name": f"img{image_id}.png", "image_id": image_id, "height": h, "width": w,
+            "annotations": [{"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": i % 3, "iscrowd": 0}
+                            for i, b in enumerate(boxes)]}
+
+
+def _tiles(records, **kw):
+    from d2_defects.data.slicing import slice_records
+
+    kw = {"size": (50, 50), "overlap": 0.0, "min_visible": 0.5, "empty_ratio": 100.0, "include_full": False, **kw}
+    return {tuple(t["slice"]): t for t in slice_records(records, **kw)}
+
+
+def test_min_visible_keeps_clips_or_drops_the_tile():
+    # tiles of 50 without overlap: (0,0), (50,0), (0,50), (50,50)
+    inside = (10, 10, 20, 20)  # whole in tile (0, 0)
+    split = (40, 60, 60, 70)  # half in tile (0, 50), half in tile (50, 50)
+    tiles = _tiles([_record([inside, split])], min_visible=0.5)
+    assert sorted(tiles) == [(0, 0, 50, 50), (0, 50, 50, 100), (50, 0, 100, 50), (50, 50, 100, 100)]
+    assert [a["bbox"] for a in tiles[(0, 0, 50, 50)]["annotations"]] == [[10, 10, 20, 20]]
+    assert [a["bbox"] for a in tiles[(0, 50, 50, 100)]["annotations"]] == [[40, 10, 50, 20]]  # clipped, tile pixels
+    assert [a["bbox"] for a in tiles[(50, 50, 100, 100)]["annotations"]] == [[0, 10, 10, 20]]
+    assert tiles[(0, 50, 50, 100)]["annotations"][0]["category_id"] == 1
+    assert tiles[(50, 0, 100, 50)]["annotations"] == []  # an empty tile (kept: EMPTY_RATIO is large)
+    assert (tiles[(0, 50, 50, 100)]["height"], tiles[(0, 50, 50, 100)]["width"]) == (50, 50)
+    # a box only 30% inside a tile: with MIN_VISIBLE 0.5 that tile is dropped, the other keeps 70% of it
+    tiles = _tiles([_record([(35, 60, 55, 70)])], min_visible=0.5)
+    assert (0, 50, 50, 100) in tiles and (50, 50, 100, 100) not in tiles
+    assert [a["bbox"] for a in tiles[(0, 50, 50, 100)]["annotations"]] == [[35, 10, 50, 20]]
+    tiles = _tiles([_record([(35, 60, 55, 70)])], min_visible=0.25)
+    assert [a["bbox"] for a in tiles[(50, 50, 100, 100)]["annotations"]] == [[0, 10, 5, 20]]
+
+
+def test_empty_ratio_and_include_full():
+    from d2_defects.data.slicing import slice_records
+
+    records = [_record([(10, 10, 20, 20)], h=200, w=200, image_id=i) for i in range(5)] + \
+        [_record([], h=200, w=200, image_id=9)]  # a normal image: 16 empty tiles
+    for ratio in (0.0, 1.0, 2.0, 100.0):
+        out = slice_records(records, size=(50, 50), overlap=0.0, empty_ratio=ratio, include_full=False, seed=0)
+        positives = [t for t in out if t["annotations"]]
+        empties = [t for t in out if not t["annotations"]]
+        assert len(positives) == 5
+        assert len(empties) == min(round(ratio * 5), 5 * 15 + 16)  # all 91 empty tiles when the ratio asks more
+        assert all("slice" in t for t in out)
+    a = slice_records(records, size=(50, 50), overlap=0.0, empty_ratio=2.0, include_full=True, seed=1)
+    b = slice_records(records, size=(50, 50), overlap=0.0, empty_ratio=2.0, include_full=True, seed=1)
+    assert a == b and len(a) == 5 + 10 + 6  # the same draw on every rank; + the 6 whole images
+    assert [r for r in a if "slice" not in r] == records
+
+
+def test_mapper_crops_the_tile_and_keeps_its_boxes(synthetic_root):
+    from detectron2.data import DatasetCatalog
+
+    from d2_defects.data.mapper import DefectDatasetMapper
+    from d2_defects.data.slicing import slice_records
+    from d2_defects.utils.image_io import read_image
+
+    cfg = _cfg()
+    record = [r for r in DatasetCatalog.get("tiny_defects_train") if r["annotations"]][0]
+    tile = [t for t in slice_records([record], size=(64, 64), overlap=0.25, include_full=False) if t["annotations"]][0]
+    mapper = DefectDatasetMapper(cfg, True, augmentations=[])
+    out = mapper(tile)
+    x0, y0, x1, y1 = tile["slice"]
+    full = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+    assert torch.equal(out["image"], torch.as_tensor(np.ascontiguousarray(full[y0:y1, x0:x1].transpose(2, 0, 1))))
+    expected = torch.tensor([a["bbox"] for a in tile["annotations"]], dtype=torch.float32)
+    assert torch.allclose(out["instances"].gt_boxes.tensor, expected)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("INPUT.SLICE.SIZE", "(0, 64)", "INPUT.SLICE.SIZE must be (height, width)"),
+    ("INPUT.SLICE.OVERLAP", "1.0", "INPUT.SLICE.OVERLAP must be a fraction in [0, 1)"),
+    ("INPUT.SLICE.MIN_VISIBLE", "0.0", "INPUT.SLICE.MIN_VISIBLE must be a fraction in (0, 1]"),
+    ("INPUT.SLICE.EMPTY_RATIO", "-1.0", "INPUT.SLICE.EMPTY_RATIO must be >= 0"),
+])
+def test_bad_training_values_name_their_key(key, value, message):
+    from d2_defects.data.slicing import slice_train_options
+
+    cfg = _cfg("INPUT.SLICE.ENABLED", True, key, value)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        slice_train_options(cfg)
+
+
+def test_sliced_training_runs_with_copy_paste_and_repeat_factor_sampling(synthetic_root, tmp_path):
+    proc = run_train_net(["--config-file", SMALL_CONFIG, *TINY_OPTS, "SOLVER.MAX_ITER", "3",
+                          "INPUT.SLICE.ENABLED", "True", "INPUT.SLICE.SIZE", "(64, 64)", "INPUT.SLICE.EMPTY_RATIO", "0.5",
+                          "INPUT.COPY_PASTE.ENABLED", "True", "DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler",
+                          "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")], synthetic_root)
+    log = proc.stdout + proc.stderr
+    assert "sliced training: 16 images ->" in log and "+ the 16 whole images" in log
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+
+
+def test_slice_dataset_tool_writes_the_same_tiles(synthetic_root, tmp_path, capsys):
+    import json
+    import runpy
+
+    from detectron2.data import DatasetCatalog
+
+    from d2_defects.data.catalog import load_coco_defects
+    from d2_defects.data.slicing import slice_records
+    from d2_defects.utils.errors import run_cli
+    from d2_defects.utils.image_io import read_image
+
+    main = runpy.run_path(os.path.join(ROOT, "tools", "slice_dataset.py"), run_name="tool")["main"]
+    out = tmp_path / "tiles"
+    assert run_cli(main, ["--dataset", "tiny_defects_train", "--size", "64", "64", "--overlap", "0.25",
+                          "--output", str(out)], exit=False) == 0
+    records = load_coco_defects(str(out / "annotations.json"), str(out / "images"))  # passes the dataset checks
+    expected = slice_records(DatasetCatalog.get("tiny_defects_train"), (64, 64), 0.25, include_full=False, seed=0)
+    assert len(records) == len(expected) > 0
+    coco = json.loads((out / "annotations.json").read_text())
+    first = [img for img in coco["images"] if any(a["image_id"] == img["id"] for a in coco["annotations"])][0]
+    x0, y0, x1, y1 = first["source"]["slice"]
+    src = [r for r in DatasetCatalog.get("tiny_defects_train") if r["image_id"] == first["source"]["image_id"]][0]
+    tile = read_image(str(out / "images" / first["file_name"]), format="BGR")
+    assert np.array_equal(tile, read_image(src["file_name"], format="BGR")[y0:y1, x0:x1])
+    # never over an existing output
+    assert run_cli(main, ["--dataset", "tiny_defects_train", "--output", str(out)], exit=False) == 2
+    assert "(use --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0

@@ -82,10 +82,13 @@ class DefectDatasetMapper(DatasetMapper):
         return ret
 
     def __call__(self, dataset_dict):
-        # Restates DatasetMapper.__call__ (detectron2 a59f056): the image is read by the project's reader, and
-        # the paste is inserted between reading the image and the augmentations.
+        # Restates DatasetMapper.__call__ (detectron2 a59f056): the image is read by the project's reader (and cut
+        # to its tile in sliced training), and the paste is inserted between reading and the augmentations.
         dataset_dict = copy.deepcopy(dataset_dict)
         image = read_image(dataset_dict["file_name"], format=self.image_format, window=self.high_bit_window)
+        if "slice" in dataset_dict:  # a tile of sliced training (data/slicing.py): its boxes are in tile pixels
+            x0, y0, x1, y1 = dataset_dict["slice"]
+            image = image[y0:y1, x0:x1]
         utils.check_image_size(dataset_dict, image)
         if "sem_seg_file_name" in dataset_dict:
             sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)

@@ -208,8 +208,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """Detectron2's train loader with the defect mapper (``INPUT.VFLIP``/``ROT90``/``PHOTOMETRIC``/
-        ``COPY_PASTE``, 16-bit images); with those keys off and 8-bit images it gives the default loader's
-        batches."""
+        ``COPY_PASTE``, 16-bit images) and, with ``INPUT.SLICE.ENABLED``, tiles of the training images as records;
+        with those keys off and 8-bit images it gives the default loader's batches."""
         from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 
         from ..data.mapper import build_defect_train_mapper
@@ -220,7 +220,11 @@ class Trainer(DefaultTrainer):
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        mapper = build_defect_train_mapper(cfg, dataset_dicts=dataset)
+        mapper = build_defect_train_mapper(cfg, dataset_dicts=dataset)  # copy-paste sources: the whole images
+        if cfg.INPUT.SLICE.ENABLED:
+            from ..data.slicing import slice_records, slice_train_options
+
+            dataset = slice_records(dataset, **slice_train_options(cfg), seed=max(cfg.SEED, 0))
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod

@@ -67,7 +67,7 @@ def validate_config(cfg):
     - ``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS`` / ``MODEL.SOFT_NMS.*`` values;
     - ``MODEL.FREEZE.SCHEME``;
     - ``SOLVER.SWA.*`` and ``MODEL_EMA.*`` (when enabled);
-    - ``TEST.AUG.*`` (when ``TEST.AUG.ENABLED``) and ``TEST.SLICE.*`` (when ``TEST.SLICE.ENABLED``);
+    - ``TEST.AUG.*`` (when ``TEST.AUG.ENABLED``), ``TEST.SLICE.*`` and ``INPUT.SLICE.*`` (when enabled);
     - ``TEST.DEFECT_EVAL.*`` (when enabled), including the class weights against every test dataset.
     """
     from ..data.augment import check_augmentation_config
@@ -76,6 +76,7 @@ def validate_config(cfg):
     from ..evaluation.scoring import defect_eval_settings
     from ..modeling.freeze import FREEZE_SCHEMES
     from ..modeling.postprocess import PostprocessParams
+    from ..data.slicing import slice_train_options
     from ..modeling.slicing import slice_options
     from ..modeling.tta import tta_options
     from .ema import validate_ema_config
@@ -108,6 +109,8 @@ def validate_config(cfg):
         tta_options(cfg)
     if cfg.TEST.SLICE.ENABLED:
         slice_options(cfg)
+    if cfg.INPUT.SLICE.ENABLED:
+        slice_train_options(cfg)
     if cfg.TEST.DEFECT_EVAL.ENABLED:
         settings = defect_eval_settings(cfg)
         for name in cfg.DATASETS.TEST:

@@ -26,6 +26,7 @@ from .postprocess import PostprocessParams
 from .tta import DefectTTA, detections_to_instances, mean_scalars, model_num_classes
 from ..utils.errors import ConfigError
 from ..utils.modules import unwrap_model
+from ..utils.tiles import tile_grid, tile_starts  # noqa: F401  (re-exported)
 
 __all__ = ["SlicedDetector", "slice_options", "tile_grid", "tile_starts"]
 
@@ -50,24 +51,6 @@ def slice_options(cfg):
                           "MODEL.KEYPOINT_ON must be False)")
     return dict(size=tuple(size), overlap=float(s.OVERLAP), include_full=bool(s.INCLUDE_FULL), batch=int(s.BATCH),
                 merge=s.MERGE, wbf_iou_thresh=float(s.WBF_IOU_THRESH))
-
-
-def tile_starts(length, tile, overlap):
-    """Start offsets of the tiles along one side of ``length`` px: every ``tile - int(overlap * tile)`` px, the last
-    one shifted back so that it ends at ``length``; ``[0]`` when the side is no longer than a tile."""
-    step = max(1, tile - int(overlap * tile))
-    starts, s = [], 0
-    while s + tile < length:
-        starts.append(s)
-        s += step
-    starts.append(max(0, length - tile))
-    return starts
-
-
-def tile_grid(height, width, tile_h, tile_w, overlap):
-    """The tiles of an image as ``(x0, y0, x1, y1)`` px (x1, y1 exclusive), row by row; they cover every pixel."""
-    return [(x, y, min(x + tile_w, width), min(y + tile_h, height))
-            for y in tile_starts(height, tile_h, overlap) for x in tile_starts(width, tile_w, overlap)]
 
 
 class SlicedDetector(nn.Module):

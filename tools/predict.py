@@ -3,6 +3,7 @@
 
     python tools/predict.py --config-file configs/synthetic/cascade_r18_cpu.yaml --input images/ \\
         --output output/predictions --draw MODEL.WEIGHTS output/demo/model_final.pth [TEST.AUG.ENABLED True]
+        [TEST.SLICE.ENABLED True TEST.SLICE.SIZE "(512, 512)"]   # large images: tiles, merged once
 
 Writes into --output: results.json (COCO results), images.json (image ids -> file names and sizes, and
 the image-level defect_score of models that output one, e.g. DefectRCNN), results.csv, skipped.txt

@@ -336,3 +336,70 @@ def test_slice_dataset_tool_writes_the_same_tiles(synthetic_root, tmp_path, caps
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+class ComponentDetector(BrightBoxDetector):
+    """One box per connected bright region of the input (score grows with its area, so a whole object outscores a
+    piece of it cut by a tile edge)."""
+
+    def forward(self, batched_inputs):
+        import cv2
+
+        outs = []
+        for x in batched_inputs:
+            img = x["image"].numpy().max(0)
+            self.seen.append(img.shape)
+            sy, sx = x["height"] / img.shape[0], x["width"] / img.shape[1]
+            n, _, stats, _ = cv2.connectedComponentsWithStats((img > 128).astype(np.uint8))
+            boxes = [[s[0] * sx, s[1] * sy, (s[0] + s[2]) * sx, (s[1] + s[3]) * sy] for s in stats[1:n]]
+            inst = Instances((x["height"], x["width"]))
+            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            inst.scores = torch.tensor([0.5 + 0.4 * min(1.0, s[4] / 300) for s in stats[1:n]], dtype=torch.float32)
+            inst.pred_classes = torch.zeros(n - 1, dtype=torch.int64)
+            outs.append({"instances": inst})
+        return outs
+
+
+def test_sliced_prediction_equals_sahi_on_the_same_detector():
+    """SAHI's get_sliced_prediction (its own slicing, shifting and class-aware NMS) as the peer: same detector, same
+    image, same tiles."""
+    from sahi.models.base import DetectionModel
+    from sahi.predict import get_sliced_prediction
+    from sahi.prediction import ObjectPrediction
+
+    detector = ComponentDetector()
+
+    class Peer(DetectionModel):
+        def set_model(self, model, **kwargs):
+            self.model = model
+
+        def perform_inference(self, image):
+            chw = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            self._original_predictions = self.model([{"image": chw, "height": image.shape[0],
+                                                     "width": image.shape[1]}])[0]["instances"]
+
+        def _create_object_prediction_list_from_original_predictions(self, shift_amount_list=[[0, 0]],
+                                                                     full_shape_list=None):
+            inst = self._original_predictions
+            self._object_prediction_list_per_image = [[
+                ObjectPrediction(bbox=b.tolist(), category_id=int(c), category_name="defect", score=float(s),
+                                 shift_amount=shift_amount_list[0], full_shape=full_shape_list[0] if full_shape_list else None)
+                for b, s, c in zip(inst.pred_boxes.tensor, inst.scores, inst.pred_classes)]]
+
+    # objects: whole in two tiles; cut by a tile edge (60% in one tile, whole in the next); away from any edge
+    rects = [(52, 20, 60, 30), (100, 100, 120, 110), (10, 130, 30, 150), (130, 10, 150, 40)]
+    img = torch.zeros((3, 160, 160), dtype=torch.uint8)
+    for x0, y0, x1, y1 in rects:
+        img[:, y0:y1, x0:x1] = 255
+    peer = Peer(model=detector, confidence_threshold=0.0, category_mapping={"0": "defect"}, device="cpu")
+    result = get_sliced_prediction(img.permute(1, 2, 0).numpy().copy(), peer, slice_height=64, slice_width=64,
+                                   overlap_height_ratio=0.25, overlap_width_ratio=0.25, perform_standard_pred=False,
+                                   postprocess_type="NMS", postprocess_match_metric="IOU",
+                                   postprocess_match_threshold=0.5, postprocess_class_agnostic=False, verbose=0,
+                                   auto_slice_resolution=False)
+    sahi_boxes = sorted(tuple(round(v, 3) for v in p.bbox.to_xyxy()) for p in result.object_prediction_list)
+    cfg = _cfg("TEST.SLICE.SIZE", "(64, 64)", "TEST.SLICE.OVERLAP", 0.25, "TEST.SLICE.INCLUDE_FULL", False,
+               "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 1000, "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.5)
+    ours = SlicedDetector(cfg, ComponentDetector()).eval()([{"image": img, "height": 160, "width": 160}])[0]
+    our_boxes = sorted(tuple(round(v, 3) for v in b) for b in ours["instances"].pred_boxes.tensor.tolist())
+    assert our_boxes == sahi_boxes == sorted(tuple(float(v) for v in r) for r in rects)

@@ -309,6 +309,33 @@ def test_benchmark_backends_table(tmp_path):
         benchmark_backends(cfg, ["eager", "tensorrt"])
 
 
+def test_benchmark_backends_on_real_images(tmp_path, capsys):
+    """--images: the table times the first N files of a folder, resized like at test time, one group."""
+    import cv2
+
+    from d2_defects.inference.benchmark import benchmark_backends
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, (h, w) in {"a.png": (120, 160), "b.png": (90, 180), "c.png": (100, 100)}.items():
+        cv2.imwrite(str(folder / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    cfg = load_config(CONFIGS["cascade"], TINY_OPTS)
+    rows = benchmark_backends(cfg, ["eager", "onnxruntime"], iters=2, warmup=0, threads=1, num_images=2,
+                              memory=False, export_dir=str(tmp_path / "export"), image_spec=str(folder))
+    assert [(r["backend"], r["size"]) for r in rows] == [("eager", "images"), ("onnxruntime", "images")]
+    assert rows[0]["input"] == "128x96"  # a.png resized to the test short side 96
+    assert rows[1]["parity"].startswith("ok ("), rows[1]  # checked on both images, of two aspect ratios
+
+    import runpy
+
+    main = runpy.run_path(os.path.join(ROOT, "tools", "benchmark_inference.py"), run_name="tool")["main"]
+    assert main(["--config-file", CONFIGS["cascade"], "--images", str(folder), "--sizes", "64x64"]) == 2
+    assert main(["--config-file", CONFIGS["cascade"], "--images", str(tmp_path / "none"), *TINY_OPTS]) == 2
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("ERROR:")]
+    assert len(errors) == 2 and "give one" in errors[0] and str(tmp_path / "none") in errors[1], errors
+
+
 def test_export_tool_parity_failure_is_one_error_line(models, tmp_path):
     """ONNX Runtime differs from eager by ~1e-5 px: with zero tolerances the parity check must fail."""
     cfg, model = models["cascade"]

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from .export import FORMATS, ExportError, check_parity, export_model, load_exported
+from .export import FORMATS, ExportError, check_parity, export_model, load_exported, load_samples
 
 __all__ = ["BACKENDS", "benchmark_backends", "format_table"]
 
@@ -116,7 +116,7 @@ def _peak_memory(cfg, backend, export_dir, images, threads):
 
 
 def benchmark_backends(cfg, backends=("eager",), sizes=((256, 192),), iters=10, warmup=2, threads=None,
-                       export_dir=None, num_images=3, memory=True, atol=1e-3, score_atol=1e-4):
+                       export_dir=None, num_images=3, memory=True, atol=1e-3, score_atol=1e-4, image_spec=None):
     """
     Time ``backends`` (names of :data:`BACKENDS`) on the model of ``cfg`` (``MODEL.WEIGHTS``, or random
     init) at each image size, interleaved.
@@ -128,6 +128,9 @@ def benchmark_backends(cfg, backends=("eager",), sizes=((256, 192),), iters=10, 
         export_dir (str): where the exported models are written (default: a temporary folder).
         num_images: random images per size, used in turn and for the parity check.
         memory (bool): measure peak memory per backend in a fresh process (slower).
+        image_spec (str): instead of random images of ``sizes``, the first ``num_images`` images of this folder
+            or glob (real images: a trained model's detections and so its post-processing cost are realistic),
+            as one group labelled ``images``.
     Returns:
         list[dict]: one row per (size, backend): ``backend``, ``size`` "WxH", ``input`` "WxH" (model input),
         ``ms`` (median per image), ``images_per_s``, ``ratio`` (ms / eager's ms at that size, if timed),
@@ -140,6 +143,10 @@ def benchmark_backends(cfg, backends=("eager",), sizes=((256, 192),), iters=10, 
         raise ValueError(f"unknown backend(s) {unknown}, expected some of {BACKENDS}")
     if iters < 1 or warmup < 0 or num_images < 1:
         raise ValueError("iters and num_images must be >= 1, warmup >= 0")
+    if image_spec:
+        groups = [("images", load_samples(cfg, image_spec, num_images))]
+    else:
+        groups = [(f"{w}x{h}", None) for w, h in sizes]
     if threads:
         torch.set_num_threads(threads)
     model = _build_model(cfg)
@@ -156,13 +163,15 @@ def benchmark_backends(cfg, backends=("eager",), sizes=((256, 192),), iters=10, 
                 file_mb[b] = (os.path.getsize(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else _state_dict_size(model)) / 2**20
                 continue
             out = os.path.join(export_dir, b)
-            export_model(cpu_model, _inputs(cfg, sizes[0], 1)[0], out, _FORMAT[b])
+            example = groups[0][1][0] if image_spec else _inputs(cfg, sizes[0], 1)[0]
+            export_model(cpu_model, example, out, _FORMAT[b])
             runners[b] = load_exported(out, _FORMAT[b], threads=threads)
             file_mb[b] = runners[b].file_size() / 2**20
 
         rows = []
-        for w, h in sizes:
-            images = _inputs(cfg, (w, h), num_images)
+        for label, images in groups:
+            if images is None:
+                images = _inputs(cfg, tuple(int(v) for v in label.split("x")), num_images)
             parity = {b: "reference" if b == "eager" else _parity(cpu_model, runners[b], images, atol, score_atol)
                       for b in backends}
             times = {b: [] for b in backends}
@@ -179,7 +188,7 @@ def benchmark_backends(cfg, backends=("eager",), sizes=((256, 192),), iters=10, 
             for b in backends:
                 mem = _peak_memory(cfg, b, export_dir, images, threads) if memory else "not measured"
                 rows.append(dict(
-                    backend=b, size=f"{w}x{h}", input=f"{images[0].shape[2]}x{images[0].shape[1]}",
+                    backend=b, size=label, input=f"{images[0].shape[2]}x{images[0].shape[1]}",
                     ms=medians[b] * 1e3, images_per_s=1.0 / medians[b],
                     ratio=medians[b] / medians["eager"] if "eager" in medians else None,
                     memory_mb=mem, file_mb=file_mb[b], parity=parity[b]))

@@ -4,7 +4,7 @@
     python tools/benchmark_inference.py --config-file configs/synthetic/cascade_r18_cpu.yaml \\
         --backends eager,torchscript,onnxruntime,openvino --sizes 256x192 512x384 --threads 2 \\
         [--iters 20 --warmup 3] [MODEL.WEIGHTS model.pth] [KEY VALUE ...]
-    python tools/benchmark_inference.py --config-file CFG --images 'datasets/x/val/*.png' --num-images 20 \
+    python tools/benchmark_inference.py --config-file CFG --images 'datasets/x/val/*.png' --num-images 20 \\
         --backends eager,openvino --threads 1 MODEL.WEIGHTS model_final.pth   # real images, a trained model
 
 Prints per backend and image size: ms per image (median), images/s, time relative to eager, peak memory
@@ -14,7 +14,8 @@ Each backend times the same work: an image already resized to the test size in, 
 (post-processing included). Backends take turns image by image, so machine noise hits them alike. Images
 are random noise of --sizes, or with --images the first --num-images images of a folder or glob (what a
 trained model's post-processing costs on real data); without MODEL.WEIGHTS the model is randomly initialised
-(fine for timing random images: detections are capped by TEST.DETECTIONS_PER_IMAGE either way). Eager runs on MODEL.DEVICE, the exported runtimes on CPU.
+(fine for timing random images: detections are capped by TEST.DETECTIONS_PER_IMAGE either way). Eager runs
+on MODEL.DEVICE, the exported runtimes on CPU.
 Exit code 1 when a parity check fails (the row says why), 2 for a usage error. See docs/deploy.md.
 """
 import argparse

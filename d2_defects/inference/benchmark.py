@@ -146,7 +146,7 @@ def benchmark_backends(cfg, backends=("eager",), sizes=((256, 192),), iters=10, 
     if image_spec:
         groups = [("images", load_samples(cfg, image_spec, num_images))]
     else:
-        groups = [(f"{w}x{h}", None) for w, h in sizes]
+        groups = [(f"{w}x{h}", _inputs(cfg, (w, h), num_images)) for w, h in sizes]
     if threads:
         torch.set_num_threads(threads)
     model = _build_model(cfg)
@@ -163,15 +163,12 @@ def benchmark_backends(cfg, backends=("eager",), sizes=((256, 192),), iters=10, 
                 file_mb[b] = (os.path.getsize(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else _state_dict_size(model)) / 2**20
                 continue
             out = os.path.join(export_dir, b)
-            example = groups[0][1][0] if image_spec else _inputs(cfg, sizes[0], 1)[0]
-            export_model(cpu_model, example, out, _FORMAT[b])
+            export_model(cpu_model, groups[0][1][0], out, _FORMAT[b])
             runners[b] = load_exported(out, _FORMAT[b], threads=threads)
             file_mb[b] = runners[b].file_size() / 2**20
 
         rows = []
         for label, images in groups:
-            if images is None:
-                images = _inputs(cfg, tuple(int(v) for v in label.split("x")), num_images)
             parity = {b: "reference" if b == "eager" else _parity(cpu_model, runners[b], images, atol, score_atol)
                       for b in backends}
             times = {b: [] for b in backends}

@@ -157,7 +157,7 @@ def test_copy_paste_boxes_match_pasted_pixels_and_never_cover_defects(synthetic_
             assert any(
                 c == a["category_id"] and (bx1 - bx0, by1 - by0) == (x1 - x0, y1 - y0)
                 and np.array_equal(utils.read_image(f, format="BGR")[by0:by1, bx0:bx1], crop)
-                for f, (bx0, by0, bx1, by1), c in cp.bank
+                for f, (bx0, by0, bx1, by1), c, *_ in cp.bank
             )
             for b in before:  # existing defects are not covered
                 assert x1 <= b[0] or x0 >= b[2] or y1 <= b[1] or y0 >= b[3]

@@ -83,14 +83,15 @@ def load_coco_dict(coco, source, image_root, dataset_name=None, validation="erro
             continue
         objs = []
         for ann in anns_per_image.get(img["id"], []):
-            objs.append(
-                {
-                    "bbox": [float(v) for v in ann["bbox"]],
-                    "bbox_mode": BoxMode.XYWH_ABS,
-                    "category_id": id_map[ann["category_id"]],
-                    "iscrowd": int(ann.get("iscrowd", 0)),
-                }
-            )
+            obj = {
+                "bbox": [float(v) for v in ann["bbox"]],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": id_map[ann["category_id"]],
+                "iscrowd": int(ann.get("iscrowd", 0)),
+            }
+            if ann.get("segmentation"):  # polygons or RLE, as in the json (checked by check_coco)
+                obj["segmentation"] = ann["segmentation"]
+            objs.append(obj)
         records.append(
             {
                 "file_name": os.path.join(image_root, img["file_name"]),

@@ -15,14 +15,19 @@ Layouts (``annotations`` path, ``images`` path):
   outside the image, like ``xmax`` = width + 1: both are reported, and clipped by ``validation: clip``).
   Images without an XML are listed in a warning (they are not added: an unlabelled image is not known to
   be normal).
-- ``yolo``: a folder of ``<image stem>.txt`` files (``class cx cy w h``, normalised; polygon lines give
-  their bounding box), the image folder. Every image is listed; images without a txt are normal images.
+- ``yolo``: a folder of ``<image stem>.txt`` files (``class cx cy w h``, normalised; YOLO-seg polygon lines
+  give their bounding box and the polygon as the mask), the image folder. Every image is listed; images
+  without a txt are normal images.
   Index names from ``classes.txt`` or a ``data.yaml`` / other ``*.yaml`` with ``names:`` (a list or an
   ``{index: name}`` dict) in the label folder or up to two folders above it (Ultralytics keeps ``data.yaml``
   at the dataset root, above ``labels/train``), else from the class list. An index without a name is a
   validation problem naming the txt line.
-- ``labelme``: a folder of labelme JSON files (rectangles and polygons give boxes; ``imagePath`` is
-  relative to the JSON), the image folder.
+- ``labelme``: a folder of labelme JSON files (every shape gives its bounding box; polygons, rectangles and
+  circles also give a mask: the polygon, the rectangle, a 32-gon inscribed in the circle; lines and points
+  none; ``imagePath`` is relative to the JSON), the image folder.
+
+Masks are kept as COCO ``segmentation`` (polygons in pixels; a COCO json's RLE as it is). The writers write a
+single-polygon mask as a YOLO-seg line or a labelme polygon and every other annotation as a box.
 
 Reading problems (an unreadable XML/JSON, an annotation whose image is missing, a label file without an
 image, an ambiguous image name) are collected with every other problem when ``problems`` (a list) is
@@ -33,6 +38,7 @@ name it.
 import glob
 import json
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 
@@ -128,13 +134,15 @@ class _Builder:
         self.images.append(img)
         return iid
 
-    def add_box(self, iid, label, x0, y0, x1, y1, source=None):
+    def add_box(self, iid, label, x0, y0, x1, y1, source=None, segmentation=None):
         label = str(label).strip()
         if label not in self.names and not self.fixed:
             self.names.append(label)
         cid = self.names.index(label) + 1 if label in self.names else label
         ann = {"id": len(self.anns) + 1, "image_id": iid, "category_id": cid,
                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+        if segmentation:
+            ann["segmentation"] = segmentation
         if source:
             ann["_source"] = source  # e.g. "a.xml, object 2 ('crack')"
         self.anns.append(ann)
@@ -301,11 +309,13 @@ def read_yolo(label_dir, image_root, classes=None, progress=None, problems=None)
                     except ValueError:
                         found.append(f"{txt}:{ln}: not a YOLO line: {line.strip()!r}")
                         continue
+                    poly = None
                     if len(vals) == 4:
                         cx, cy, bw, bh = vals
                         x0, y0, x1, y1 = cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2
                     elif len(vals) >= 6 and len(vals) % 2 == 0:  # polygon
                         x0, x1, y0, y1 = min(vals[0::2]), max(vals[0::2]), min(vals[1::2]), max(vals[1::2])
+                        poly = vals
                     else:
                         found.append(f"{txt}:{ln}: expected 'class cx cy w h' or a polygon: {line.strip()!r}")
                         continue
@@ -314,7 +324,7 @@ def read_yolo(label_dir, image_root, classes=None, progress=None, problems=None)
                                      f"({len(names)} names: 0..{len(names) - 1})")
                         continue
                     max_cls = max(max_cls, c)
-                    boxes.append((c, x0, y0, x1, y1, f"{txt}:{ln}"))
+                    boxes.append((c, x0, y0, x1, y1, f"{txt}:{ln}", poly))
         if len(found) > n_found:
             continue  # a label file with a problem is left out whole
         records.append((rel, w, h, boxes, txt))
@@ -327,9 +337,10 @@ def read_yolo(label_dir, image_root, classes=None, progress=None, problems=None)
     b = _Builder(list(classes) if classes is not None else names, label_dir)
     for rel, w, h, boxes, txt in records:
         iid = b.add_image(rel, w, h, source=txt)
-        for c, x0, y0, x1, y1, where in boxes:
+        for c, x0, y0, x1, y1, where, poly in boxes:
             sx, sy = (w or 0), (h or 0)
-            b.add_box(iid, names[c], x0 * sx, y0 * sy, x1 * sx, y1 * sy, source=where)
+            segm = [[v * (sx if i % 2 == 0 else sy) for i, v in enumerate(poly)]] if poly else None
+            b.add_box(iid, names[c], x0 * sx, y0 * sy, x1 * sx, y1 * sy, source=where, segmentation=segm)
     _finish(found, problems, label_dir)
     return b.coco()
 
@@ -379,17 +390,40 @@ def read_labelme(json_dir, image_root, classes=None, progress=None, problems=Non
             except (TypeError, ValueError, IndexError):
                 found.append(f"{jf}: shape {k} ('{label}') has invalid points")
                 continue
+            segm = _labelme_mask(s.get("shape_type") or "polygon", xs, ys)
             if s.get("shape_type") == "circle" and len(pts) == 2:
                 r = ((xs[1] - xs[0]) ** 2 + (ys[1] - ys[0]) ** 2) ** 0.5
                 xs, ys = [xs[0] - r, xs[0] + r], [ys[0] - r, ys[0] + r]
-            boxes.append((label, min(xs), min(ys), max(xs), max(ys), f"{jf}, shape {k} ('{label}')"))
+            boxes.append((label, min(xs), min(ys), max(xs), max(ys), f"{jf}, shape {k} ('{label}')", segm))
         if len(found) > n_found:
             continue  # a file with a problem is left out whole
         iid = b.add_image(rel, w, h, source=jf)
-        for label, x0, y0, x1, y1, where in boxes:
-            b.add_box(iid, label, x0, y0, x1, y1, source=where)
+        for label, x0, y0, x1, y1, where, segm in boxes:
+            b.add_box(iid, label, x0, y0, x1, y1, source=where, segmentation=segm)
     _finish(found, problems, json_dir)
     return b.coco()
+
+
+def _labelme_mask(shape_type, xs, ys):
+    """The COCO polygon mask of a labelme shape, or None (lines, points, too few points)."""
+    if shape_type == "rectangle" and len(xs) == 2:
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    if shape_type == "circle" and len(xs) == 2:
+        r = math.hypot(xs[1] - xs[0], ys[1] - ys[0])
+        t = [2 * math.pi * k / 32 for k in range(32)]
+        return [[v for a in t for v in (xs[0] + r * math.cos(a), ys[0] + r * math.sin(a))]]
+    if shape_type == "polygon" and len(xs) >= 3:
+        return [[v for x, y in zip(xs, ys) for v in (x, y)]]
+    return None
+
+
+def _single_polygon(ann):
+    """The annotation's mask if it is exactly one polygon (what YOLO-seg and a labelme polygon hold), else None."""
+    segm = ann.get("segmentation")
+    if isinstance(segm, list) and len(segm) == 1 and len(segm[0]) >= 6:
+        return segm[0]
+    return None
 
 
 def read_dataset(fmt, annotations, image_root, classes=None, progress=None, problems=None):
@@ -489,8 +523,8 @@ def write_voc(coco, out_dir):
 
 
 def write_yolo(coco, out_dir):
-    """One YOLO ``.txt`` per image (normalised ``class cx cy w h``) and ``classes.txt`` into ``out_dir``; returns the
-    paths written."""
+    """One YOLO ``.txt`` per image (normalised ``class cx cy w h``; a single-polygon mask as a YOLO-seg polygon line)
+    and ``classes.txt`` into ``out_dir``; returns the paths written."""
     anns, _ = _per_image(coco)
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(cats)}
@@ -503,6 +537,11 @@ def write_yolo(coco, out_dir):
         lines = []
         for a in anns.get(img["id"], []):
             x, y, w, h = a["bbox"]
+            poly = _single_polygon(a)
+            if poly is not None:  # YOLO-seg
+                coords = " ".join(f"{v / (W if i % 2 == 0 else H):.8f}" for i, v in enumerate(poly))
+                lines.append(f"{index[a['category_id']]} {coords}\n")
+                continue
             lines.append(f"{index[a['category_id']]} {(x + w / 2) / W:.8f} {(y + h / 2) / H:.8f} {w / W:.8f} {h / H:.8f}\n")
         path = os.path.join(out_dir, os.path.splitext(img["file_name"])[0] + ".txt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -513,7 +552,8 @@ def write_yolo(coco, out_dir):
 
 
 def write_labelme(coco, out_dir, image_root):
-    """One labelme JSON per image (rectangles; ``imagePath`` relative to ``out_dir``); returns the paths written."""
+    """One labelme JSON per image (rectangles; a single-polygon mask as a polygon; ``imagePath`` relative to
+    ``out_dir``); returns the paths written."""
     anns, names = _per_image(coco)
     written = []
     for img in coco["images"]:
@@ -522,6 +562,12 @@ def write_labelme(coco, out_dir, image_root):
         shapes = []
         for a in anns.get(img["id"], []):
             x, y, w, h = a["bbox"]
+            poly = _single_polygon(a)
+            if poly is not None:
+                points = [list(p) for p in zip(poly[0::2], poly[1::2])]
+                shapes.append({"label": names[a["category_id"]], "points": points, "shape_type": "polygon",
+                               "group_id": None, "flags": {}})
+                continue
             shapes.append({"label": names[a["category_id"]], "points": [[x, y], [x + w, y + h]],
                            "shape_type": "rectangle", "group_id": None, "flags": {}})
         d = {"version": "5.0.1", "flags": {}, "shapes": shapes, "imageData": None,

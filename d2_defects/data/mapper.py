@@ -77,7 +77,7 @@ class DefectDatasetMapper(DatasetMapper):
                 dataset_dicts, image_format=cfg.INPUT.FORMAT,
                 prob_normal=check_prob("INPUT.COPY_PASTE.PROB_NORMAL", cp.PROB_NORMAL),
                 prob=check_prob("INPUT.COPY_PASTE.PROB", cp.PROB), max_objects=int(cp.MAX_OBJECTS),
-                class_ids=class_ids, high_bit_window=ret["high_bit_window"],
+                class_ids=class_ids, high_bit_window=ret["high_bit_window"], use_masks=cfg.MODEL.MASK_ON,
             )
         return ret
 
@@ -128,8 +128,8 @@ def build_defect_train_mapper(cfg, dataset_dicts=None):
     """
     if not defect_augmentations_enabled(cfg):
         return DefectDatasetMapper(cfg, True)
-    if cfg.INPUT.COPY_PASTE.ENABLED and (cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON):
-        raise ConfigError("INPUT.COPY_PASTE supports box-only models (MODEL.MASK_ON / KEYPOINT_ON are on)")
+    if cfg.INPUT.COPY_PASTE.ENABLED and cfg.MODEL.KEYPOINT_ON:
+        raise ConfigError("INPUT.COPY_PASTE supports box and mask models (MODEL.KEYPOINT_ON is on)")
     mapper = DefectDatasetMapper(cfg, True, dataset_dicts=dataset_dicts)
     logger.info(f"[DefectDatasetMapper] augmentations: {mapper.augmentations}; copy-paste: "
                 f"{'on' if mapper.copy_paste is not None else 'off'}")

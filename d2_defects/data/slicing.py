@@ -63,7 +63,9 @@ def _tile_record(record, tile, boxes, annotations, min_visible):
         if v < min_visible:
             return None
         clipped = [max(box[0], x0) - x0, max(box[1], y0) - y0, min(box[2], x1) - x0, min(box[3], y1) - y0]
-        anns.append(dict(ann, bbox=clipped, bbox_mode=BoxMode.XYXY_ABS))
+        tile_ann = dict(ann, bbox=clipped, bbox_mode=BoxMode.XYXY_ABS)
+        tile_ann.pop("segmentation", None)  # image coordinates; sliced training cuts boxes only
+        anns.append(tile_ann)
     out = {k: v for k, v in record.items() if k != "annotations"}
     out.update(height=y1 - y0, width=x1 - x0, slice=[x0, y0, x1, y1], annotations=anns)
     return out

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..utils.masks import encode_mask
 from ..utils.errors import UsageError
 from ..utils.fileio import atomic_write_json
 
@@ -80,10 +81,14 @@ def _color(gray, rgb, rng):
     return (float(c.mean()),) if gray else tuple(float(v) for v in c)
 
 
-def _draw_defect(rng, img, cls, w, h, gray, scale=None):
+def _draw_defect(rng, img, cls, w, h, gray, scale=None, canvas=None):
     """Draw one defect of class ``cls`` on ``img`` (float32 HxWxC, in place); return its XYXY box. ``scale``
-    multiplies the defect sizes (default: the image width / 256)."""
+    multiplies the defect sizes (default: the image width / 256). ``canvas`` (float32 HxW zeros, or None): the same
+    shapes are drawn on it with value 1 (its coverage of each pixel); it draws nothing random, so the image and
+    the box do not depend on it."""
     scale = w / 256.0 if scale is None else scale
+    if canvas is None:
+        canvas = np.zeros((1, 1), np.float32)  # drawing off the canvas is a no-op
     if cls == "scratch":  # thin bright straight line, extreme aspect ratio
         length = rng.uniform(30, 90) * scale
         ang = rng.choice([rng.uniform(-0.25, 0.25), rng.uniform(math.pi / 2 - 0.25, math.pi / 2 + 0.25)])
@@ -92,7 +97,9 @@ def _draw_defect(rng, img, cls, w, h, gray, scale=None):
         p0 = (cx - dx, cy - dy)
         p1 = (cx + dx, cy + dy)
         pts = np.array([p0, p1])
-        cv2.line(img, _pt(p0), _pt(p1), _color(gray, (235, 235, 245), rng), max(1, int(round(scale))), cv2.LINE_AA)
+        thickness = max(1, int(round(scale)))
+        cv2.line(img, _pt(p0), _pt(p1), _color(gray, (235, 235, 245), rng), thickness, cv2.LINE_AA)
+        cv2.line(canvas, _pt(p0), _pt(p1), 1.0, thickness, cv2.LINE_AA)
         pad = 1.5
     elif cls == "crack":  # long dark jagged polyline
         n = rng.integers(5, 9)
@@ -104,13 +111,16 @@ def _draw_defect(rng, img, cls, w, h, gray, scale=None):
         xs = cx + t * math.cos(ang) - jitter * math.sin(ang)
         ys = cy + t * math.sin(ang) + jitter * math.cos(ang)
         pts = np.stack([xs, ys], 1)
-        cv2.polylines(img, [np.round(pts * 4).astype(np.int32)], False, _color(gray, (25, 20, 20), rng),
-                      max(2, int(round(2 * scale))), cv2.LINE_AA, shift=2)
+        thickness = max(2, int(round(2 * scale)))
+        line = [np.round(pts * 4).astype(np.int32)]
+        cv2.polylines(img, line, False, _color(gray, (25, 20, 20), rng), thickness, cv2.LINE_AA, shift=2)
+        cv2.polylines(canvas, line, False, 1.0, thickness, cv2.LINE_AA, shift=2)
         pad = 2.0
     elif cls == "spot":  # tiny dark dot, often < 16 px
         r = rng.uniform(2, 5) * scale
         cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
         cv2.circle(img, _pt((cx, cy), 4), int(round(r * 4)), _color(gray, (30, 30, 60), rng), -1, cv2.LINE_AA, shift=2)
+        cv2.circle(canvas, _pt((cx, cy), 4), int(round(r * 4)), 1.0, -1, cv2.LINE_AA, shift=2)
         pts = np.array([[cx - r, cy - r], [cx + r, cy + r]])
         pad = 0.5
     elif cls == "stain":  # larger soft coloured blob
@@ -122,16 +132,21 @@ def _draw_defect(rng, img, cls, w, h, gray, scale=None):
         col = np.array(_color(gray, (140, 90, 40), rng), np.float32)
         a = 0.75 * mask[..., None]
         img[:] = img * (1 - a) + col[None, None, :] * a
+        if canvas.shape == mask.shape:
+            canvas[mask > 0.15] = 1.0  # the pixels the box is drawn around
         ys, xs = np.nonzero(mask > 0.15)
         pts = np.stack([xs, ys], 1) if len(xs) else np.array([[cx, cy], [cx + 1, cy + 1]])
         pad = 0.5
     elif cls == "bubble":  # bright ring with dark centre
         r = rng.uniform(6, 14) * scale
         cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
-        cv2.circle(img, _pt((cx, cy), 4), int(round(r * 4)), _color(gray, (250, 250, 250), rng),
-                   max(2, int(round(2 * scale))), cv2.LINE_AA, shift=2)
+        thickness = max(2, int(round(2 * scale)))
+        cv2.circle(img, _pt((cx, cy), 4), int(round(r * 4)), _color(gray, (250, 250, 250), rng), thickness,
+                   cv2.LINE_AA, shift=2)
         cv2.circle(img, _pt((cx, cy), 4), int(round(r * 0.3 * 4)), _color(gray, (200, 220, 250), rng), -1,
                    cv2.LINE_AA, shift=2)
+        cv2.circle(canvas, _pt((cx, cy), 4), int(round(r * 4)), 1.0, thickness, cv2.LINE_AA, shift=2)
+        cv2.circle(canvas, _pt((cx, cy), 4), int(round(r * 0.3 * 4)), 1.0, -1, cv2.LINE_AA, shift=2)
         pts = np.array([[cx - r, cy - r], [cx + r, cy + r]])
         pad = 1.5
     elif cls == "hole":  # black disc with a bright rim, rare
@@ -140,6 +155,7 @@ def _draw_defect(rng, img, cls, w, h, gray, scale=None):
         cv2.circle(img, _pt((cx, cy), 4), int(round((r + 2) * 4)), _color(gray, (225, 225, 200), rng), -1,
                    cv2.LINE_AA, shift=2)
         cv2.circle(img, _pt((cx, cy), 4), int(round(r * 4)), (5.0,) * img.shape[2], -1, cv2.LINE_AA, shift=2)
+        cv2.circle(canvas, _pt((cx, cy), 4), int(round((r + 2) * 4)), 1.0, -1, cv2.LINE_AA, shift=2)
         r = r + 2
         pts = np.array([[cx - r, cy - r], [cx + r, cy + r]])
         pad = 0.5
@@ -154,14 +170,20 @@ def _pt(p, mult=1):
     return (int(round(p[0] * mult)), int(round(p[1] * mult)))
 
 
-def render_image(seed, split, index, preset="default"):
+def render_image(seed, split, index, preset="default", masks=False):
     """
     Render one image of a preset (:data:`PRESETS`).
+
+    Args:
+        masks (bool): also return each defect's mask. The image and the boxes are the same either way.
 
     Returns:
         image (ndarray): uint8, HxWx3 (RGB environment, BGR order) or HxW (grayscale environment)
         env (str): environment name
-        anns (list[(class_index, [x0, y0, x1, y1])]): boxes in absolute XYXY pixels
+        anns (list[(class_index, [x0, y0, x1, y1])]): boxes in absolute XYXY pixels; with ``masks``,
+            ``(class_index, box, mask)`` where ``mask`` (bool HxW) holds the pixels the defect's shapes cover by
+            at least half (the stain: its blended area, the pixels its box is drawn around), cut to the
+            pixels whose centre lies in the box. Masks of overlapping defects overlap (each is the whole shape).
     """
     p = _preset(preset)
     key = [seed, SPLIT_CODES.get(split, 0), index] + ([p["code"]] if p["code"] is not None else [])
@@ -177,13 +199,22 @@ def render_image(seed, split, index, preset="default"):
         n = int(rng.choice([1, 1, 1, 2, 2, 3, 4]))
         for _ in range(n):
             c = int(rng.choice(len(CLASSES), p=freqs / freqs.sum()))
-            box = _draw_defect(rng, img, CLASS_NAMES[c], w, h, gray, p["defect_scale"])
+            canvas = np.zeros((h, w), np.float32) if masks else None
+            box = _draw_defect(rng, img, CLASS_NAMES[c], w, h, gray, p["defect_scale"], canvas)
             if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
-                anns.append((c, box))
+                anns.append((c, box, _cut_to_box(canvas >= 0.5, box)) if masks else (c, box))
     img = np.clip(img, 0, 255).astype(np.uint8)
     if gray:
         img = img[..., 0]
     return img, name, anns
+
+
+def _cut_to_box(mask, box):
+    """``mask`` with the pixels whose centre lies outside the XYXY ``box`` cleared (the mask stays in its box)."""
+    x0, y0, x1, y1 = box
+    cols = (np.arange(mask.shape[1]) + 0.5 >= x0) & (np.arange(mask.shape[1]) + 0.5 <= x1)
+    rows = (np.arange(mask.shape[0]) + 0.5 >= y0) & (np.arange(mask.shape[0]) + 0.5 <= y1)
+    return mask & rows[:, None] & cols[None, :]
 
 
 def _preset(name):
@@ -192,10 +223,12 @@ def _preset(name):
     return PRESETS[name]
 
 
-def generate_split(out_dir, split, num_images, seed=0, progress=True, preset="default"):
+def generate_split(out_dir, split, num_images, seed=0, progress=True, preset="default", masks=True):
     """
     Write ``num_images`` images to ``out_dir/<split>/`` and the COCO json
-    ``out_dir/annotations/instances_<split>.json``.
+    ``out_dir/annotations/instances_<split>.json``; with ``masks``, every annotation has its defect's mask
+    (``segmentation``, compressed RLE; see :func:`render_image`). ``area`` is the box's area either way, so that
+    box AP's size ranges do not depend on the masks.
 
     Returns:
         str: path of the COCO json.
@@ -207,24 +240,25 @@ def generate_split(out_dir, split, num_images, seed=0, progress=True, preset="de
     images, annotations = [], []
     ann_id = 1
     for i in tqdm(range(num_images), desc=f"synthetic {split}", disable=not progress):
-        img, env, anns = render_image(seed, split, i, preset)
+        img, env, anns = render_image(seed, split, i, preset, masks=masks)
         file_name = f"{split}_{i:06d}.png"
         cv2.imwrite(os.path.join(img_dir, file_name), img)
         images.append(
             {"id": i + 1, "file_name": file_name, "width": img.shape[1], "height": img.shape[0], "environment": env}
         )
-        for c, (x0, y0, x1, y1) in anns:
+        for c, (x0, y0, x1, y1), *mask in anns:
             bw, bh = x1 - x0, y1 - y0
-            annotations.append(
-                {
-                    "id": ann_id,
-                    "image_id": i + 1,
-                    "category_id": CATEGORY_IDS[c],
-                    "bbox": [round(x0, 2), round(y0, 2), round(bw, 2), round(bh, 2)],
-                    "area": round(bw * bh, 2),
-                    "iscrowd": 0,
-                }
-            )
+            ann = {
+                "id": ann_id,
+                "image_id": i + 1,
+                "category_id": CATEGORY_IDS[c],
+                "bbox": [round(x0, 2), round(y0, 2), round(bw, 2), round(bh, 2)],
+                "area": round(bw * bh, 2),
+                "iscrowd": 0,
+            }
+            if mask:
+                ann["segmentation"] = encode_mask(mask[0])
+            annotations.append(ann)
             ann_id += 1
     coco = {
         "info": {"description": "d2_defects synthetic defects", "seed": seed, "split": split, "preset": preset},
@@ -240,15 +274,17 @@ def generate_split(out_dir, split, num_images, seed=0, progress=True, preset="de
     return json_file
 
 
-def generate_dataset(out_dir, num_images=1000, seed=0, val_fraction=0.2, progress=True, preset="default"):
+def generate_dataset(out_dir, num_images=1000, seed=0, val_fraction=0.2, progress=True, preset="default",
+                     masks=True):
     """
-    Generate the train and val splits (``num_images`` in total) of a preset (:data:`PRESETS`) under ``out_dir``.
+    Generate the train and val splits (``num_images`` in total) of a preset (:data:`PRESETS`) under ``out_dir``
+    (``masks``: see :func:`generate_split`).
 
     Returns:
         dict: split name -> path of its COCO json
     """
     num_val = int(round(num_images * val_fraction))
     return {
-        "train": generate_split(out_dir, "train", num_images - num_val, seed, progress, preset),
-        "val": generate_split(out_dir, "val", num_val, seed, progress, preset),
+        "train": generate_split(out_dir, "train", num_images - num_val, seed, progress, preset, masks),
+        "val": generate_split(out_dir, "val", num_val, seed, progress, preset, masks),
     }

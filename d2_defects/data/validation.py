@@ -5,7 +5,8 @@
 ``"warn"`` logs the problems and drops the images concerned, ``"clip"`` clips boxes that stick out of their
 image into it and raises on every other problem, ``"none"`` skips the checks. The problems found
 (:func:`validate_coco_dict`): missing or undecodable image files, image sizes differing from the annotation,
-boxes of non-positive size or outside the image, unknown category ids, duplicate image ids or file names,
+boxes of non-positive size or outside the image, masks (``segmentation``) that are malformed, empty, outside
+the image or outside their box (:func:`mask_problem`), unknown category ids, duplicate image ids or file names,
 empty datasets. Image files are decoded once per process (:func:`d2_defects.utils.image_io.image_size`); the
 first check of a dataset logs how many images it decoded and how long it took, with a tqdm bar on an
 interactive terminal.
@@ -17,12 +18,13 @@ import logging
 import os
 import time
 
+from ..utils.masks import segmentation_to_rle
 from ..utils.errors import ConfigError, DatasetError
 from ..utils.image_io import decoded_images, image_size
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VALIDATION_MODES", "apply_ignore", "check_coco", "clip_boxes", "validate_coco_dict"]
+__all__ = ["VALIDATION_MODES", "apply_ignore", "check_coco", "clip_boxes", "mask_problem", "validate_coco_dict"]
 
 VALIDATION_MODES = ("error", "warn", "clip", "none")
 
@@ -123,7 +125,56 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True, progress=N
         elif w is not None and h is not None and (x < -0.5 or y < -0.5 or x + bw > w + 0.5 or y + bh > h + 0.5):
             problems.append(f"{where}: box {ann.get('bbox')} (XYWH) lies outside the {w}x{h} image")
             bad_images.add(iid)
+        if ann.get("segmentation") and w is not None and h is not None:  # [] / None: a box without a mask
+            problem = mask_problem(ann["segmentation"], w, h, ann.get("bbox"))
+            if problem:
+                problems.append(f"{where}: {problem}")
+                bad_images.add(iid)
     return problems, bad_images
+
+
+def mask_problem(segm, w, h, bbox=None):
+    """
+    What is wrong with a COCO ``segmentation`` of an annotation in a ``w`` x ``h`` image, or None.
+
+    Polygons: a list of ``[x0, y0, x1, y1, ...]`` lists of at least 3 points, inside the image (0.5 px of
+    tolerance, like boxes). RLE: ``{"size": [h, w], "counts": ...}`` of this image's size. Either: at least one
+    pixel, and (with ``bbox``, XYWH) no pixel outside the annotation's box by more than 1 px.
+    """
+    from pycocotools import mask as mask_util
+
+    if isinstance(segm, list):
+        if not segm:
+            return "empty mask (segmentation has no polygon)"
+        for k, poly in enumerate(segm):
+            if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
+                n = len(poly) if isinstance(poly, (list, tuple)) else type(poly).__name__
+                return f"mask polygon {k} must be a flat list of at least 3 x, y points, got {n} values"
+            try:
+                xs, ys = [float(v) for v in poly[0::2]], [float(v) for v in poly[1::2]]
+            except (TypeError, ValueError):
+                return f"mask polygon {k} has non-numeric coordinates"
+            if not all(-0.5 <= v <= w + 0.5 for v in xs) or not all(-0.5 <= v <= h + 0.5 for v in ys):
+                return f"mask polygon {k} lies outside the {w}x{h} image"
+    elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        if [int(v) for v in segm["size"]] != [int(h), int(w)]:
+            return f"mask RLE size {list(segm['size'])} (h, w) differs from the image's [{h}, {w}]"
+    else:
+        return f"segmentation must be polygons or RLE ({{'size', 'counts'}}), got {type(segm).__name__}"
+    try:
+        rle = segmentation_to_rle(segm, int(h), int(w))
+        area = float(mask_util.area(rle))
+        mx, my, mw, mh = (float(v) for v in mask_util.toBbox(rle))
+    except (TypeError, ValueError) as e:
+        return f"mask cannot be decoded ({e})"
+    if area <= 0:
+        return "empty mask (no pixel)"
+    if bbox is not None:
+        x, y, bw, bh = (float(v) for v in bbox)
+        if mx < x - 1 or my < y - 1 or mx + mw > x + bw + 1 or my + mh > y + bh + 1:
+            return (f"mask (its box [{mx:g}, {my:g}, {mw:g}, {mh:g}] XYWH) sticks out of the annotation's box "
+                    f"{list(bbox)} by more than 1 px")
+    return None
 
 
 def _known(coco):

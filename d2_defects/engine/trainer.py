@@ -176,7 +176,8 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators = [FastCOCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)]
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        evaluators = [FastCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
         if cfg.TEST.DEFECT_EVAL.ENABLED:
             evaluators.append(DefectEvaluator(dataset_name, cfg, output_dir=output_folder))
         return DatasetEvaluators(evaluators)

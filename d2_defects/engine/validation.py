@@ -11,7 +11,7 @@ from detectron2.data import MetadataCatalog
 
 from ..utils.errors import ConfigError
 
-__all__ = ["validate_config", "num_classes_key", "check_num_classes", "load_test_datasets"]
+__all__ = ["validate_config", "num_classes_key", "check_num_classes", "check_masks", "load_test_datasets"]
 
 logger = logging.getLogger("d2_defects")
 
@@ -45,6 +45,38 @@ def check_num_classes(cfg, dataset_names=None):
         )
 
 
+def check_masks(cfg):
+    """
+    With ``MODEL.MASK_ON``: every non-crowd box of every ``DATASETS.TRAIN`` / ``TEST`` dataset has a mask
+    (``segmentation``), and RLE masks come with ``INPUT.MASK_FORMAT: bitmask`` (Detectron2 reads polygons
+    only as ``polygon``). Raises one :class:`DatasetError` listing the first boxes without a mask (file and
+    record), or a :class:`ConfigError` naming the key. Loads the datasets (cached per process).
+    """
+    from detectron2.data import DatasetCatalog
+
+    from ..utils.errors import DatasetError
+
+    if not cfg.MODEL.MASK_ON:
+        return
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        missing, n_missing, rle = [], 0, False
+        for rec in DatasetCatalog.get(name):
+            for k, ann in enumerate(rec.get("annotations", [])):
+                segm = ann.get("segmentation")
+                if not segm and not ann.get("iscrowd", 0):
+                    n_missing += 1
+                    if len(missing) < 10:
+                        missing.append(f"{rec['file_name']}: box {k} ({ann['bbox']}) has no mask")
+                rle = rle or isinstance(segm, dict)
+        if n_missing:
+            more = [f"... and {n_missing - len(missing)} more"] if n_missing > len(missing) else []
+            raise DatasetError(name, [f"MODEL.MASK_ON is set but {n_missing} box(es) have no mask "
+                                      f"(segmentation); train a box model or add the masks"] + missing + more)
+        if rle and cfg.INPUT.MASK_FORMAT != "bitmask":
+            raise ConfigError(f"dataset '{name}' has RLE masks: set INPUT.MASK_FORMAT bitmask (it is "
+                              f"{cfg.INPUT.MASK_FORMAT!r}; 'polygon' reads polygons only)")
+
+
 def load_test_datasets(cfg):
     """
     Load (and so validate, in the dataset's validation mode) every ``DATASETS.TEST`` dataset now, so that a bad
@@ -68,7 +100,8 @@ def validate_config(cfg):
     - ``MODEL.FREEZE.SCHEME``;
     - ``SOLVER.SWA.*`` and ``MODEL_EMA.*`` (when enabled);
     - ``TEST.AUG.*`` (when ``TEST.AUG.ENABLED``), ``TEST.SLICE.*`` and ``INPUT.SLICE.*`` (when enabled);
-    - ``TEST.DEFECT_EVAL.*`` (when enabled), including the class weights against every test dataset.
+    - ``TEST.DEFECT_EVAL.*`` (when enabled), including the class weights against every test dataset;
+    - with ``MODEL.MASK_ON``, the masks of every train and test dataset (:func:`check_masks`).
     """
     from ..data.augment import check_augmentation_config
     from ..data.validation import VALIDATION_MODES
@@ -118,5 +151,6 @@ def validate_config(cfg):
             classes = getattr(meta, "thing_classes", None)
             if classes is not None:
                 settings.weights_for(name, len(classes), getattr(meta, "thing_class_weights", None))
+    check_masks(cfg)
     logger.info("Config checked (validate_config): datasets, classes, augmentation, postprocessing, freezing, "
                 "SWA, EMA, test-time augmentation and evaluation keys")

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 from detectron2.structures import BoxMode
 
+from ..utils.masks import encode_mask
 from ..utils.errors import ConfigError
 from ..utils.fileio import atomic_write_json, check_can_write
 
@@ -19,7 +20,8 @@ class ResultsWriter:
     """
     Collects the detections of a prediction run and writes, in ``output_dir``:
 
-    - ``results.json``: COCO results (``image_id``, ``category_id``, ``bbox`` XYWH, ``score``);
+    - ``results.json``: COCO results (``image_id``, ``category_id``, ``bbox`` XYWH, ``score``; for mask models
+      also ``segmentation``, the mask as compressed RLE);
     - ``images.json``: ``{"images": [{"id", "file_name", "height", "width"}], "categories": [...]}``, the
       image ids of ``results.json`` mapped to the files (with ``results.json``, a COCO-style pair); for
       models with an image-level score (DefectRCNN) each image also has its ``defect_score``;
@@ -57,7 +59,8 @@ class ResultsWriter:
         Record the detections of one image.
 
         Args:
-            instances (Instances): with ``pred_boxes`` (XYXY absolute), ``scores``, ``pred_classes``.
+            instances (Instances): with ``pred_boxes`` (XYXY absolute), ``scores``, ``pred_classes`` and, for
+                mask models, ``pred_masks`` (N x H x W, image size).
             rgb (ndarray or None): HxWx3 uint8 RGB image, needed when drawing.
             defect_score (float or None): the model's image-level defect probability, if it has one.
         """
@@ -69,7 +72,8 @@ class ResultsWriter:
         boxes = instances.pred_boxes.tensor.numpy().astype(np.float64)
         scores = instances.scores.numpy().tolist()
         classes = instances.pred_classes.numpy().tolist()
-        for box, score, c in zip(boxes, scores, classes):
+        masks = instances.pred_masks.numpy() > 0 if instances.has("pred_masks") else None
+        for k, (box, score, c) in enumerate(zip(boxes, scores, classes)):
             if self.category_ids is not None and c not in self.category_ids:
                 raise ConfigError(f"{file_name}: predicted class {c}, but the dataset metadata has only "
                                  f"{len(self.class_names)} classes (does the model match the dataset?)")
@@ -79,15 +83,18 @@ class ResultsWriter:
                                                                       BoxMode.XYWH_ABS)],
                 "score": round(float(score), 5), "_xyxy": box.tolist(), "_class": c, "_file": file_name,
             })
+            if masks is not None:
+                self.detections[-1]["segmentation"] = encode_mask(masks[k])
         if self.draw and rgb is not None:
-            self._draw(file_name, rgb, boxes, scores, classes)
+            self._draw(file_name, rgb, boxes, scores, classes, masks)
 
-    def _draw(self, file_name, rgb, boxes, scores, classes):
+    def _draw(self, file_name, rgb, boxes, scores, classes, masks=None):
         from ..utils.visualize import draw_boxes
 
         keep = [i for i, s in enumerate(scores) if s >= self.draw_threshold]
         labels = [f"{self._class_name(classes[i])} {scores[i]:.2f}" for i in keep]
-        vis = draw_boxes(rgb, boxes[keep].reshape(-1, 4), labels, self.metadata, [classes[i] for i in keep])
+        vis = draw_boxes(rgb, boxes[keep].reshape(-1, 4), labels, self.metadata, [classes[i] for i in keep],
+                         masks=None if masks is None else [masks[i] for i in keep])
         stem = os.path.splitext(os.path.basename(file_name))[0]
         name, k = stem, 1
         while name in self._vis_names:  # same stem in several sub-folders

@@ -19,7 +19,8 @@ def load_coco_results(path, dataset_name):
     Read a COCO results json and group it by image id, with contiguous class ids.
 
     Returns:
-        dict[int, list[dict]]: image id -> [{"bbox": XYXY, "score", "category_id" (contiguous)}]
+        dict[int, list[dict]]: image id -> [{"bbox": XYXY, "score", "category_id" (contiguous)}], plus
+        ``segmentation`` (RLE) for mask results
     """
     if not os.path.isfile(path):
         raise InputNotFoundError(f"results file not found: {path}")
@@ -35,20 +36,24 @@ def load_coco_results(path, dataset_name):
                 raise DatasetError(f"{path}: detection {i} has category id {cid}, unknown to {dataset_name}")
             cid = id_map[cid]
         box = BoxMode.convert(list(d["bbox"]), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
-        out.setdefault(d["image_id"], []).append({"bbox": box, "score": d["score"], "category_id": cid})
+        det = {"bbox": box, "score": d["score"], "category_id": cid}
+        if d.get("segmentation"):
+            det["segmentation"] = d["segmentation"]
+        out.setdefault(d["image_id"], []).append(det)
     return out
 
 
-def draw_boxes(image_rgb, boxes, labels, metadata, class_ids=None, max_side=1600):
+def draw_boxes(image_rgb, boxes, labels, metadata, class_ids=None, max_side=1600, masks=None):
     """
-    Draw labelled boxes on an RGB image; large images are drawn at ``max_side`` pixels so labels stay
-    readable.
+    Draw labelled boxes (and masks) on an RGB image; large images are drawn at ``max_side`` pixels so labels
+    stay readable.
 
     Args:
         image_rgb (ndarray): HxWx3 uint8 RGB.
         boxes (ndarray): (N, 4) XYXY absolute.
         labels (list[str]): one label per box.
         class_ids (list[int] or None): contiguous class per box; boxes of a class share a colour.
+        masks (list[ndarray] or None): one bool HxW mask per box (image size), drawn filled.
     Returns:
         ndarray: HxWx3 uint8 RGB.
     """
@@ -56,6 +61,9 @@ def draw_boxes(image_rgb, boxes, labels, metadata, class_ids=None, max_side=1600
     if scale < 1.0:
         image_rgb = cv2.resize(image_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         boxes = np.asarray(boxes, dtype=np.float64) * scale
+        if masks is not None:
+            masks = [cv2.resize(np.asarray(m, np.uint8), image_rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+                     for m in masks]
     # small images are upscaled for the drawing so that text is legible
     up = max(1.0, 512 / max(image_rgb.shape[:2]))
     vis = Visualizer(image_rgb, metadata, scale=up)
@@ -63,8 +71,18 @@ def draw_boxes(image_rgb, boxes, labels, metadata, class_ids=None, max_side=1600
     if class_ids is not None:
         palette = colormap(rgb=True, maximum=1)
         colors = [tuple(palette[c % len(palette)]) for c in class_ids]
-    vis.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), labels=labels, assigned_colors=colors)
+    vis.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), labels=labels, assigned_colors=colors,
+                          masks=None if masks is None or not len(masks) else [np.asarray(m, bool) for m in masks])
     return vis.output.get_image()
+
+
+def _masks(items, h, w):
+    """Decoded masks of ground-truth annotations or detections when every one has a ``segmentation``, else None."""
+    if not items or not all(i.get("segmentation") for i in items):
+        return None
+    from .masks import decode_segmentation
+
+    return [decode_segmentation(i["segmentation"], h, w) for i in items]
 
 
 def draw_dataset_predictions(dataset_name, predictions, output_dir, num_images=8, score_threshold=0.3,
@@ -93,8 +111,11 @@ def draw_dataset_predictions(dataset_name, predictions, output_dir, num_images=8
         dets = [d for d in predictions.get(r["image_id"], []) if d["score"] >= score_threshold]
         det_boxes = [d["bbox"] for d in dets]
         det_labels = [f"{meta.thing_classes[d['category_id']]} {d['score']:.2f}" for d in dets]
-        left = draw_boxes(rgb, gt_boxes, gt_labels, meta, [a["category_id"] for a in r["annotations"]])
-        right = draw_boxes(rgb, det_boxes, det_labels, meta, [d["category_id"] for d in dets])
+        h, w = rgb.shape[:2]
+        gt_masks = _masks(r["annotations"], h, w)
+        det_masks = _masks(dets, h, w)
+        left = draw_boxes(rgb, gt_boxes, gt_labels, meta, [a["category_id"] for a in r["annotations"]], masks=gt_masks)
+        right = draw_boxes(rgb, det_boxes, det_labels, meta, [d["category_id"] for d in dets], masks=det_masks)
         cv2.imwrite(out, np.concatenate([left, right], axis=1)[:, :, ::-1])
         written.append(out)
     return written

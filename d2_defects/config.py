@@ -187,6 +187,35 @@ def _add_models_config(cfg):
     _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000  # candidates kept per level before NMS
     _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6  # IoU threshold of NMS (detections per image: TEST.DETECTIONS_PER_IMAGE)
 
+    # DefectSOLO (modeling/meta_arch/solo.py, docs/masks.md): SOLOv2-style instance segmentation on an FPN.
+    _C.MODEL.SOLO = CN()
+    _C.MODEL.SOLO.NUM_CLASSES = 80  # number of foreground classes
+    _C.MODEL.SOLO.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]  # FPN levels the category/kernel heads run on
+    _C.MODEL.SOLO.NUM_GRIDS = [40, 36, 24, 16, 12]  # S of each level's S x S grid of instance cells
+    # Instances whose scale sqrt(w * h) (input px, after resizing) lies in [low, high] are assigned to that level
+    _C.MODEL.SOLO.SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
+    _C.MODEL.SOLO.SIGMA = 0.2  # centre region: this fraction of the box's size around the centre is positive
+    _C.MODEL.SOLO.CENTER = "box"  # the instance's centre: "box" (its box centre) or "mass" (its mask's mass centre)
+    _C.MODEL.SOLO.HEAD_CONVS = 4  # conv layers of the category and kernel towers
+    _C.MODEL.SOLO.HEAD_CHANNELS = 256  # channels of those towers
+    _C.MODEL.SOLO.MASK_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # FPN levels fused into the mask features
+    _C.MODEL.SOLO.MASK_CHANNELS = 128  # channels of the mask features = length of each dynamic (1x1) kernel
+    # Stride (input px) of the mask features: 4 (P2's resolution) or 8 (downsampled: each mask-feature pixel sees
+    # twice the context, a quarter of the cost); masks are upsampled to the image for output
+    _C.MODEL.SOLO.HEAD_STRIDE = 4
+    _C.MODEL.SOLO.FOCAL_LOSS_ALPHA = 0.25  # category branch: focal loss alpha
+    _C.MODEL.SOLO.FOCAL_LOSS_GAMMA = 2.0  # category branch: focal loss gamma
+    _C.MODEL.SOLO.FOCAL_LOSS_WEIGHT = 1.0  # weight of loss_solo_cate (normalised by the number of positive cells)
+    _C.MODEL.SOLO.DICE_LOSS_WEIGHT = 3.0  # weight of loss_solo_mask (dice loss of positive cells, per instance)
+    _C.MODEL.SOLO.PRIOR_PROB = 0.01  # initial foreground probability of the category branch (bias init)
+    _C.MODEL.SOLO.SCORE_THRESH_TEST = 0.1  # category scores below are not candidates
+    _C.MODEL.SOLO.MASK_THRESH_TEST = 0.5  # mask probability above which a pixel is in the mask
+    _C.MODEL.SOLO.PRE_NMS_TOPK_TEST = 500  # candidates (by category score) decoded into masks per image
+    _C.MODEL.SOLO.NMS_KERNEL = "gaussian"  # Matrix NMS decay: "gaussian" or "linear"
+    _C.MODEL.SOLO.NMS_SIGMA = 2.0  # Matrix NMS gaussian sigma
+    # Detections whose score after Matrix NMS is below are dropped (per image: TEST.DETECTIONS_PER_IMAGE)
+    _C.MODEL.SOLO.UPDATE_THRESH_TEST = 0.05
+
     _C.MODEL.DEFECT_RCNN = CN()
     _C.MODEL.DEFECT_RCNN.IN_FEATURES = ["p5", "p6"]  # backbone features pooled by the image-level classifier
     _C.MODEL.DEFECT_RCNN.HIDDEN_DIM = 128  # width of the image classifier's hidden layer

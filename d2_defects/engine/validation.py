@@ -21,6 +21,8 @@ def num_classes_key(cfg):
     arch = cfg.MODEL.META_ARCHITECTURE
     if "FCOS" in arch:
         return "MODEL.FCOS.NUM_CLASSES", int(cfg.MODEL.FCOS.NUM_CLASSES)
+    if "SOLO" in arch:
+        return "MODEL.SOLO.NUM_CLASSES", int(cfg.MODEL.SOLO.NUM_CLASSES)
     if arch == "RetinaNet":
         return "MODEL.RETINANET.NUM_CLASSES", int(cfg.MODEL.RETINANET.NUM_CLASSES)
     return "MODEL.ROI_HEADS.NUM_CLASSES", int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)

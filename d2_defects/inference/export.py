@@ -60,7 +60,8 @@ class ExportError(DefectsError, RuntimeError):
 def check_exportable(cfg):
     """
     Raise :class:`ExportError` naming the key for settings the exported graph cannot reproduce (checked before
-    the model is built): test-time augmentation, sliced inference, and DefectRCNN's per-image skipping of the heads.
+    the model is built): test-time augmentation, sliced inference, masks, and DefectRCNN's per-image skipping of the
+    heads.
     """
     if cfg.TEST.AUG.ENABLED:
         raise ExportError("TEST.AUG.ENABLED: test-time augmentation is not part of the exported graph; export "
@@ -68,6 +69,9 @@ def check_exportable(cfg):
     if cfg.TEST.SLICE.ENABLED:
         raise ExportError("TEST.SLICE.ENABLED: sliced inference runs the exported model per tile from Python, it is "
                           "not part of the graph; export with TEST.SLICE.ENABLED False")
+    if cfg.MODEL.MASK_ON:
+        raise ExportError("MODEL.MASK_ON: the exported graph gives boxes, classes and scores; mask models (Mask "
+                          "R-CNN, DefectSOLO) are not exported")
     if cfg.MODEL.META_ARCHITECTURE == "DefectRCNN" and cfg.MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD > 0:
         raise ExportError(
             f"cannot trace DefectRCNN: MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD={cfg.MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD}"

@@ -183,6 +183,35 @@ def test_report_arithmetic_against_hand_computed_numbers(tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
+def test_mask_runs_add_mask_ap_columns_and_a_per_class_mask_table(tmp_path):
+    plan = load_plan(write_plan(tmp_path / "p.yaml", [{"name": "cascade"}, {"name": "solo"}], seeds=[0, 1]),
+                     check_configs=False)
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        for name, mask_ap in (("cascade", 20.0 + seed), ("solo", 24.0 + 3 * seed)):
+            d = _fake_run(out, name, seed, 30.0, {"crack": 10.0, "spot": 50.0})
+            res = json.loads((d / "eval_results.json").read_text())
+            res["segm"] = {"AP": mask_ap, "AP50": mask_ap + 30, "AP-crack": mask_ap - 5, "AP-spot": 40.0}
+            (d / "eval_results.json").write_text(json.dumps(res))
+    summary = ablation.write_report(plan, str(out))
+    solo = {r["name"]: r for r in summary["rows"]}["solo"]
+    # solo - cascade mask AP: 4, 6 -> 5 ± sqrt(2)
+    d = solo["stats"]["mask AP"]["delta"]
+    assert d["mean"] == pytest.approx(5.0) and d["std"] == pytest.approx(math.sqrt(2))
+    assert solo["per_class_mask"]["crack"]["mean"] == pytest.approx(20.5)  # 19, 22
+    assert solo["per_class"]["crack"]["mean"] == pytest.approx(10.0)  # the box table is the box AP
+    md = (out / "logbook.md").read_text()
+    assert "| mask AP | mask AP50 |" in md and "Δmask AP vs cascade" in md
+    assert "### Per-class mask AP (COCO segm)" in md
+    mask_table = md.split("### Per-class mask AP")[1]
+    assert "| solo | 20.5 (+5.0 ± 1.4) | 40.0 (+0.0 ± 0.0 noise) |" in mask_table
+    # a box-only logbook has neither
+    plan_box = load_plan(write_plan(tmp_path / "b.yaml", [{"name": "a"}], seeds=[0]), check_configs=False)
+    _fake_run(tmp_path / "box", "a", 0, 30.0, {"crack": 10.0})
+    ablation.write_report(plan_box, str(tmp_path / "box"))
+    assert "mask AP" not in (tmp_path / "box" / "logbook.md").read_text()
+
+
 def test_paired_delta_uses_only_common_seeds():
     d = paired_delta({0: 5.0, 1: 7.0, 2: 100.0}, {0: 4.0, 1: 5.0})
     assert d["seeds"] == [0, 1] and d["mean"] == pytest.approx(1.5) and d["std"] == pytest.approx(np.std([1, 2],

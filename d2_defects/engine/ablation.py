@@ -60,6 +60,8 @@ RESULT_KINDS = ("auto", "live", "swa", "ema", "tta")
 # metrics of the main table: (column, task, key in Detectron2's / DefectEvaluator's results)
 METRICS = [("AP", "bbox", "AP"), ("AP50", "bbox", "AP50"), ("AP75", "bbox", "AP75"), ("APs", "bbox", "APs"),
            ("weighted_mAP", "defect", "weighted_mAP"), ("ACC", "defect", "ACC"), ("score", "defect", "score")]
+# mask models (MODEL.MASK_ON): COCO segm metrics, shown (with a per-class mask AP table) when a run has them
+MASK_METRICS = [("mask AP", "segm", "AP"), ("mask AP50", "segm", "AP50")]
 TIMINGS = [("train_s_per_iter", "train s/iter"), ("infer_ms_per_image", "infer ms/img")]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _NAN_RE = re.compile(r"Loss became infinite or NaN at iteration=(\d+)")
@@ -771,7 +773,8 @@ def _inference_time(log_path, kind):
 def read_run(out_dir, kind="live"):
     """
     What the logbook needs from one run folder: ``{"status", "reason", "metrics": {name: value},
-    "per_class": {class: AP}, "train_s_per_iter", "infer_ms_per_image", "curve": [(iter, AP)]}``.
+    "per_class": {class: AP}, "per_class_mask": {class: mask AP}, "train_s_per_iter", "infer_ms_per_image",
+    "curve": [(iter, AP)]}``.
     A folder without a status file but with ``eval_results.json`` (a run made outside the tool) counts as ok.
     """
     st = read_status(out_dir)
@@ -782,6 +785,7 @@ def read_run(out_dir, kind="live"):
             return {"status": "pending", "reason": ""}
         st = {"status": "ok", "reason": ""}
     out = {"status": st["status"], "reason": st.get("reason", ""), "metrics": {}, "per_class": {},
+           "per_class_mask": {},
            "train_s_per_iter": None, "infer_ms_per_image": None, "curve": []}
     if st["status"] == "ok":
         if not os.path.isfile(res_path):
@@ -792,11 +796,12 @@ def read_run(out_dir, kind="live"):
         if not tasks.get("bbox"):
             out.update(status="failed", reason=f"no {kind} bbox results in {name}")
             return out
-        for col, task, key in METRICS:
+        for col, task, key in METRICS + MASK_METRICS:
             v = tasks.get(task, {}).get(key)
             if v is not None:
                 out["metrics"][col] = float(v)
         out["per_class"] = {k[3:]: float(v) for k, v in tasks["bbox"].items() if k.startswith("AP-")}
+        out["per_class_mask"] = {k[3:]: float(v) for k, v in tasks.get("segm", {}).items() if k.startswith("AP-")}
     metrics_path = os.path.join(out_dir, "metrics.json")
     if os.path.isfile(metrics_path):
         out["train_s_per_iter"] = _median_train_time(metrics_path)
@@ -905,12 +910,15 @@ def summarize(plan, output):
             if changes:
                 r.update(status="stale", reason="stale: " + "; ".join(changes) + " (--rerun-stale)")
     base_runs = runs_by_variant[plan.baseline]
-    classes = []
+    classes, mask_classes = [], []
     for row in rows:
         for r in row["runs"].values():
             for c in r.get("per_class", {}):
                 if c not in classes:
                     classes.append(c)
+            for c in r.get("per_class_mask", {}):
+                if c not in mask_classes:
+                    mask_classes.append(c)
     for row in rows:
         runs = row["runs"]
         ok = {s: r for s, r in runs.items() if r["status"] == "ok"}
@@ -921,7 +929,7 @@ def summarize(plan, output):
         row["pending"] = sorted(s for s, r in runs.items() if r["status"] == "pending")
         row["stale"] = sorted(s for s, r in runs.items() if r["status"] == "stale")
         stats = OrderedDict()
-        for col, _, _ in METRICS:
+        for col, _, _ in METRICS + MASK_METRICS:
             per_seed = {s: r["metrics"].get(col) for s, r in ok.items()}
             base = {s: r["metrics"].get(col) for s, r in base_runs.items() if r["status"] == "ok"}
             stats[col] = _stat(per_seed, base)
@@ -930,13 +938,15 @@ def summarize(plan, output):
             base = {s: r[key] for s, r in base_runs.items() if r["status"] == "ok"}
             stats[key] = _stat(per_seed, base)
         row["stats"] = stats
-        row["per_class"] = OrderedDict()
-        for c in classes:
-            per_seed = {s: r["per_class"].get(c) for s, r in ok.items()}
-            base = {s: r["per_class"].get(c) for s, r in base_runs.items() if r["status"] == "ok"}
-            row["per_class"][c] = _stat(per_seed, base)
+        for table, names in (("per_class", classes), ("per_class_mask", mask_classes)):
+            row[table] = OrderedDict()
+            for c in names:
+                per_seed = {s: r[table].get(c) for s, r in ok.items()}
+                base = {s: r[table].get(c) for s, r in base_runs.items() if r["status"] == "ok"}
+                row[table][c] = _stat(per_seed, base)
         row["curves"] = {s: r["curve"] for s, r in ok.items() if r["curve"]}
-    return {"plan": plan.path, "baseline": plan.baseline, "seeds": plan.seeds, "classes": classes, "rows": rows}
+    return {"plan": plan.path, "baseline": plan.baseline, "seeds": plan.seeds, "classes": classes,
+            "mask_classes": mask_classes, "rows": rows}
 
 
 def _stat(per_seed, base):
@@ -973,30 +983,51 @@ def _runs_cell(row):
     return cell
 
 
+def _metric_columns(summary):
+    """The main table's metrics: METRICS, plus MASK_METRICS when some run has mask results."""
+    return METRICS + (MASK_METRICS if summary.get("mask_classes") else [])
+
+
 def format_logbook(summary):
-    """The logbook as Markdown (main table, then the per-class AP table)."""
+    """The logbook as Markdown (main table, then the per-class AP table; for mask models also the per-class mask
+    AP table)."""
     base = summary["baseline"]
-    cols = ["ID", "name", "purpose", "runs done/planned"] + [c for c, _, _ in METRICS] + \
-        [label for _, label in TIMINGS] + ["ΔAP vs " + base, "ΔAP50 vs " + base, "Δscore vs " + base]
+    metrics = _metric_columns(summary)
+    masks = bool(summary.get("mask_classes"))
+    cols = ["ID", "name", "purpose", "runs done/planned"] + [c for c, _, _ in metrics] + \
+        [label for _, label in TIMINGS] + ["ΔAP vs " + base, "ΔAP50 vs " + base, "Δscore vs " + base] + \
+        (["Δmask AP vs " + base] if masks else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in summary["rows"]:
         is_base = row["name"] == base
         s = row["stats"]
         cells = [row["id"], row["name"], row["purpose"].replace("|", "/"), _runs_cell(row).replace("|", "/")]
-        cells += [_fmt_ms(s[c]) for c, _, _ in METRICS]
+        cells += [_fmt_ms(s[c]) for c, _, _ in metrics]
         cells += [_fmt_ms(s["train_s_per_iter"], 3), _fmt_ms(s["infer_ms_per_image"], 1)]
         cells += [_fmt_delta(s["AP"], is_base), _fmt_delta(s["AP50"], is_base), _fmt_delta(s["score"], is_base)]
+        if masks:
+            cells.append(_fmt_delta(s["mask AP"], is_base))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± std over the seeds that finished; Δ = mean of the per-seed differences to the baseline ± "
               "their std; (noise): |Δ| ≤ 2 standard errors (std / √n). Times are medians per run, then averaged.",
-              "", "### Per-class AP (mean over seeds; Δ vs " + base + " in brackets)", ""]
-    classes = summary["classes"]
+              ""]
+    tables = [("per_class", "classes", "Per-class AP")]
+    if masks:
+        tables.append(("per_class_mask", "mask_classes", "Per-class mask AP (COCO segm)"))
+    for table, names, title in tables:
+        lines += _per_class_lines(summary, table, summary[names], title)
+    return "\n".join(lines) + "\n"
+
+
+def _per_class_lines(summary, table, classes, title):
+    base = summary["baseline"]
+    lines = [f"### {title} (mean over seeds; Δ vs {base} in brackets)", ""]
     lines += ["| variant | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
     for row in summary["rows"]:
         is_base = row["name"] == base
         cells = []
         for c in classes:
-            st = row["per_class"][c]
+            st = row[table][c]
             if st["mean"] is None:
                 cells.append("–")
                 continue
@@ -1007,17 +1038,19 @@ def format_logbook(summary):
                     (" noise" if d["noise"] else "") + ")"
             cells.append(cell)
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
 def _csv_rows(summary):
     header = ["id", "name", "purpose", "result", "runs_done", "runs_planned", "problems"]
-    keys = [c for c, _, _ in METRICS] + [k for k, _ in TIMINGS]
+    keys = [c for c, _, _ in _metric_columns(summary)] + [k for k, _ in TIMINGS]
     for k in keys:
         header += [f"{k}_mean", f"{k}_std", f"{k}_n", f"{k}_delta", f"{k}_delta_std", f"{k}_delta_n",
                    f"{k}_noise"]
     for c in summary["classes"]:
         header += [f"AP-{c}_mean", f"AP-{c}_std", f"AP-{c}_delta", f"AP-{c}_delta_std"]
+    for c in summary.get("mask_classes", []):
+        header += [f"maskAP-{c}_mean", f"maskAP-{c}_std", f"maskAP-{c}_delta", f"maskAP-{c}_delta_std"]
     out = [header]
     for row in summary["rows"]:
         r = [row["id"], row["name"], row["purpose"], row["result"], row["done"], row["planned"],
@@ -1026,9 +1059,10 @@ def _csv_rows(summary):
             st = row["stats"][k]
             d = st["delta"]
             r += [st["mean"], st["std"], st["n"], d["mean"], d["std"], d["n"], d["noise"]]
-        for c in summary["classes"]:
-            st = row["per_class"][c]
-            r += [st["mean"], st["std"], st["delta"]["mean"], st["delta"]["std"]]
+        for table, names in (("per_class", "classes"), ("per_class_mask", "mask_classes")):
+            for c in summary.get(names, []):
+                st = row[table][c]
+                r += [st["mean"], st["std"], st["delta"]["mean"], st["delta"]["std"]]
         out.append(["" if v is None else v for v in r])
     return out
 

@@ -119,13 +119,17 @@ def validate_coco_dict(coco, json_file, image_root, check_files=True, progress=N
             problems.append(f"{where}: {what} (known: {_known(coco)})")
             bad_images.add(iid)
         x, y, bw, bh = ann.get("bbox", [0, 0, 0, 0])
+        box_ok = False
         if not (bw > 0 and bh > 0):
             problems.append(f"{where}: box {ann.get('bbox')} has non-positive width or height")
             bad_images.add(iid)
         elif w is not None and h is not None and (x < -0.5 or y < -0.5 or x + bw > w + 0.5 or y + bh > h + 0.5):
             problems.append(f"{where}: box {ann.get('bbox')} (XYWH) lies outside the {w}x{h} image")
             bad_images.add(iid)
-        if ann.get("segmentation") and w is not None and h is not None:  # [] / None: a box without a mask
+        else:
+            box_ok = True
+        # the mask of a bad box is not reported again ([] / None: a box without a mask)
+        if box_ok and ann.get("segmentation") and w is not None and h is not None:
             problem = mask_problem(ann["segmentation"], w, h, ann.get("bbox"))
             if problem:
                 problems.append(f"{where}: {problem}")

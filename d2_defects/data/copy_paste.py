@@ -46,7 +46,6 @@ class CopyPaste:
     def __init__(self, dataset_dicts, image_format="BGR", prob_normal=1.0, prob=0.3, max_objects=3,
                  class_ids=None, max_tries=20, cache_images=8, cache_mb=256, high_bit_window=None,
                  use_masks=False):
-        self.use_masks = use_masks
         # (file_name, (x0, y0, x1, y1) int pixel box, category_id, segmentation or None, (height, width))
         self.bank = []
         for d in dataset_dicts:

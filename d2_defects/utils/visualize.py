@@ -62,7 +62,7 @@ def draw_boxes(image_rgb, boxes, labels, metadata, class_ids=None, max_side=1600
         image_rgb = cv2.resize(image_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         boxes = np.asarray(boxes, dtype=np.float64) * scale
         if masks is not None:
-            masks = [cv2.resize(np.asarray(m, np.uint8), image_rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+            masks = [cv2.resize(np.asarray(m, np.uint8), image_rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
                      for m in masks]
     # small images are upscaled for the drawing so that text is legible
     up = max(1.0, 512 / max(image_rgb.shape[:2]))
@@ -72,7 +72,7 @@ def draw_boxes(image_rgb, boxes, labels, metadata, class_ids=None, max_side=1600
         palette = colormap(rgb=True, maximum=1)
         colors = [tuple(palette[c % len(palette)]) for c in class_ids]
     vis.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), labels=labels, assigned_colors=colors,
-                          masks=None if masks is None or not len(masks) else [np.asarray(m, bool) for m in masks])
+                          masks=[np.asarray(m, bool) for m in masks] if masks is not None and len(masks) else None)
     return vis.output.get_image()
 
 

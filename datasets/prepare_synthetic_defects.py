@@ -17,7 +17,7 @@ def main(argv=None):
                         help="default: 256x192 RGB and 512x384 gray images (the demo's data); large: 2048x1536 "
                              "gray and 1600x1200 RGB images with 4-40 px defects (sliced inference)")
     parser.add_argument("--num-images", type=int, default=None,
-                        help="images in total (train + val); default 1000, or 100 for --preset large")
+                        help="images in total (train + val); default 1000, or 400 for --preset large")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of the images in val")
     parser.add_argument("--seed", type=int, default=0, help="the same seed always gives the same dataset")
     parser.add_argument("--if-missing", action="store_true", help="do nothing if the dataset exists")

@@ -16,8 +16,8 @@ from d2_defects.checkpoint import DefectCheckpointer
 from d2_defects.engine.launch import load_config
 from d2_defects.inference import deploy_postprocess
 from d2_defects.inference.export import (
-    FORMATS, ExportError, check_exportable, check_parity, compare_detections, export_model, load_exported,
-    load_samples,
+    FORMATS, ExportError, ExportedDetector, check_exportable, check_parity, check_sliced_parity, compare_detections,
+    export_model, load_exported, load_samples, sliced_exported,
 )
 from d2_defects.modeling.postprocess import PostprocessParams, select_detections
 
@@ -212,8 +212,7 @@ def test_missing_runtime_package_is_named(models, tmp_path, monkeypatch):
 def test_settings_that_cannot_be_exported_name_the_key(tmp_path):
     with pytest.raises(ExportError, match="TEST.AUG.ENABLED"):
         check_exportable(load_config(CONFIGS["cascade"], TINY_OPTS + ["TEST.AUG.ENABLED", "True"]))
-    with pytest.raises(ExportError, match="TEST.SLICE.ENABLED"):
-        check_exportable(load_config(CONFIGS["cascade"], TINY_OPTS + ["TEST.SLICE.ENABLED", "True"]))
+    check_exportable(load_config(CONFIGS["cascade"], TINY_OPTS + ["TEST.SLICE.ENABLED", "True"]))  # tiles in Python
     with pytest.raises(ExportError, match="MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD=0.2"):
         check_exportable(load_config(CONFIGS["defect_rcnn"], TINY_OPTS + ["MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD", "0.2"]))
     check_exportable(load_config(CONFIGS["defect_rcnn"], TINY_OPTS))
@@ -246,6 +245,67 @@ def test_export_deformable_convs(fmt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# sliced inference with an exported model
+
+SLICE_OPTS = ["TEST.SLICE.ENABLED", "True", "TEST.SLICE.SIZE", "(64, 80)", "TEST.SLICE.OVERLAP", "0.25",
+              "TEST.SLICE.INCLUDE_FULL", "True", "INPUT.MIN_SIZE_TEST", "64",
+              "TEST.DETECTIONS_PER_IMAGE", "1000"]  # random weights: near-equal scores, no rank-100 cut among them
+
+
+@pytest.mark.parametrize("merge", ["nms", "wbf"])
+@pytest.mark.parametrize("name,fmt", [("cascade", "onnx"), ("fcos", "torchscript")])
+def test_sliced_exported_equals_eager_sliced(name, fmt, merge, tmp_path):
+    """Tiles, per-tile resize and the single merge run in Python around the exported graph: the same detections as
+    the eager model's sliced inference, boxes all over the image (not only the first tile), exact against plain
+    inference when one tile covers the image."""
+    cfg, model = _model(name, *SLICE_OPTS, "TEST.SLICE.MERGE", merge)
+    originals = load_samples(cfg, None, 2, resize=False)
+    assert tuple(originals[0].shape[1:]) == (120, 160)  # 1.5 tiles high: a 3 x 3 grid
+    export_model(model, load_samples(cfg, None, 1)[0], str(tmp_path), fmt)
+    exported = load_exported(str(tmp_path))  # the format from postprocess.json
+    assert exported.fmt == fmt and json.loads((tmp_path / "postprocess.json").read_text())["num_classes"] == 6
+    report = check_sliced_parity(cfg, model, exported, originals)
+    assert min(report["num_detections"]) > 0
+    got = sliced_exported(cfg, exported)([{"image": originals[0]}])[0]["instances"]
+    assert got.image_size == (120, 160) and got.pred_boxes.tensor[:, 2].max() > 80  # beyond the first tile column
+    # a grid of one tile and no whole-image view: exactly the exported model's plain inference on the resized tile
+    one = load_config(CONFIGS[name], TINY_OPTS + SLICE_OPTS + ["TEST.SLICE.SIZE", "(120, 160)",
+                                                             "TEST.SLICE.INCLUDE_FULL", "False"])
+    single = sliced_exported(one, exported)([{"image": originals[0]}])[0]["instances"]
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    hwc = originals[0].permute(1, 2, 0).numpy()
+    resized = ResizeShortestEdge([64, 64], 160).get_transform(hwc).apply_image(hwc)
+    resized = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+    plain = ExportedDetector(exported)([{"image": resized, "height": 120, "width": 160}])[0]["instances"]
+    assert torch.equal(single.pred_boxes.tensor, plain.pred_boxes.tensor) and torch.equal(single.scores, plain.scores)
+
+
+def test_exported_detector_reports_boxes_at_the_requested_size(models, tmp_path):
+    """ExportedDetector scales and clips like Detectron2's detector_postprocess: the eager model's output for an input
+    resized from another size."""
+    cfg, model = models["cascade"]
+    image = _images(cfg)[0]
+    export_model(model, image, str(tmp_path), "torchscript")
+    h, w = image.shape[1:]
+    inputs = [{"image": image, "height": 2 * h + 3, "width": w // 2}]
+    with torch.no_grad():
+        eager = model(inputs)[0]["instances"]
+    got = ExportedDetector(load_exported(str(tmp_path)))(inputs)[0]["instances"]
+    assert got.image_size == eager.image_size == (2 * h + 3, w // 2)
+    diff = compare_detections(eager, got)
+    assert diff["ok"] and len(eager) > 0, diff
+
+
+def test_load_exported_names_a_folder_without_an_export(tmp_path):
+    with pytest.raises(ExportError, match="postprocess.json not found: not a folder written by tools/export_model.py"):
+        load_exported(str(tmp_path))
+    (tmp_path / "postprocess.json").write_text("[1, 2]")
+    with pytest.raises(ExportError, match="not a postprocess.json written by tools/export_model.py"):
+        load_exported(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the tool: exit codes and one ERROR line
 
 
@@ -268,6 +328,55 @@ def test_export_tool_writes_checks_and_protects(models, tmp_path):
     proc = _run_export_tool(args)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR:")]
     assert proc.returncode == 2 and len(errors) == 1 and "--overwrite" in errors[0]
+
+
+def test_export_tool_sliced_checks_sliced_parity_and_predict_runs_the_export(models, tmp_path):
+    """export_model.py with TEST.SLICE: the slice settings in postprocess.json and a second parity check on tiles;
+    predict.py --exported then gives the eager sliced detections; bad --exported input is one ERROR line."""
+    cfg, model = models["cascade"]
+    DefectCheckpointer(model, save_dir=str(tmp_path)).save("model_random")
+    out = tmp_path / "export"
+    opts = [*TINY_OPTS, *SLICE_OPTS, "MODEL.WEIGHTS", tmp_path / "model_random.pth"]
+    proc = _run_export_tool(["--config-file", CONFIGS["cascade"], "--output", out, "--format", "onnx",
+                             "--num-samples", "2", *opts])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parity of sliced inference (64x80 px tiles) with onnx and the eager model on 2 images" in proc.stdout
+    info = json.loads((out / "postprocess.json").read_text())
+    assert info["slice"]["size"] == [64, 80] and info["slice"]["include_full"] is True
+
+    images = tmp_path / "images"
+    images.mkdir()
+    import cv2
+
+    for i, sample in enumerate(load_samples(load_config(CONFIGS["cascade"], TINY_OPTS + SLICE_OPTS), None, 2,
+                                            resize=False)):
+        cv2.imwrite(str(images / f"s{i}.png"), sample.permute(1, 2, 0).numpy())
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
+
+    def predict(*extra):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "predict.py"), "--config-file",
+                               CONFIGS["cascade"], "--input", images, *map(str, extra)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    # the eager model one tile per forward pass, as the runtime runs them (sliced_exported's docstring)
+    runs = {"eager": predict("--output", tmp_path / "eager", *opts, "TEST.SLICE.BATCH", "1"),
+            "exported": predict("--output", tmp_path / "exported", "--exported", out, *TINY_OPTS, *SLICE_OPTS)}
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    res = {k: sorted((d["image_id"], d["category_id"], round(d["score"], 4)) for d in
+                     json.loads((tmp_path / k / "results.json").read_text())) for k in runs}
+    assert len(res["eager"]) > 0 and res["exported"] == res["eager"]
+    boxes = {k: np.array(sorted(d["bbox"] for d in json.loads((tmp_path / k / "results.json").read_text())))
+             for k in runs}
+    np.testing.assert_allclose(boxes["exported"], boxes["eager"], atol=1e-3)
+
+    for extra, message in [((tmp_path / "nothing",), "postprocess.json not found"),
+                           ((out, "TEST.AUG.ENABLED", "True"), "test-time augmentation"),
+                           ((out, "INPUT.FORMAT", "RGB"), "was exported for INPUT.FORMAT BGR")]:
+        proc = predict("--output", tmp_path / "bad", "--exported", *extra[:1], *TINY_OPTS, *extra[1:])
+        errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR:")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "bad" / "results.json").exists()
 
 
 def test_export_tool_untraceable_model_is_one_error_line(models, tmp_path):

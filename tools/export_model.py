@@ -11,7 +11,10 @@ every candidate above the score thresholds (boxes, classes, scores, then image-l
 DefectRCNN's defect_score); postprocess.py (numpy only) applies NMS or soft-NMS and the top-k with the
 settings in postprocess.json. See docs/deploy.md. The parity check runs exactly that (runtime + postprocess.py)
 and exits with one ERROR line (code 2) when a detection differs by more than --atol px or --score-atol, as
-it does when the model cannot be exported. Existing files are never replaced without --overwrite.
+it does when the model cannot be exported. With TEST.SLICE.ENABLED the graph is the same per-tile model; the
+slice settings are recorded in postprocess.json and a second parity check compares sliced inference (tiles,
+resize and merge in Python, d2_defects.inference.export.sliced_exported) with the eager sliced model on the sample
+images at their original size (docs/slicing.md). Existing files are never replaced without --overwrite.
 """
 import argparse
 import sys
@@ -43,8 +46,9 @@ def run(args):
 
     from d2_defects.checkpoint import DefectCheckpointer
     from d2_defects.inference.export import (
-        check_exportable, check_parity, export_model, load_exported, load_samples, output_files,
+        check_exportable, check_parity, check_sliced_parity, export_model, load_exported, load_samples, output_files,
     )
+    from d2_defects.modeling.slicing import slice_options
     from d2_defects.utils.fileio import check_can_write
 
     cfg = load_config(args.config_file, args.opts)
@@ -54,6 +58,7 @@ def run(args):
         check_exportable(cfg)
     except ExportError as e:
         raise ExportError(f"{e} ({args.config_file})") from None
+    sliced = slice_options(cfg) if cfg.TEST.SLICE.ENABLED else None  # a bad TEST.SLICE value: ConfigError now
     if cfg.MODEL.DEVICE != "cpu":
         cfg.defrost()
         cfg.MODEL.DEVICE = "cpu"  # the runtimes of the exported files run on CPU; so does the traced graph
@@ -69,15 +74,22 @@ def run(args):
     model.eval()
     samples = load_samples(cfg, args.sample_images, args.num_samples)
     meta = dict(input_format=cfg.INPUT.FORMAT, min_size_test=cfg.INPUT.MIN_SIZE_TEST,
-                max_size_test=cfg.INPUT.MAX_SIZE_TEST, config=args.config_file)
+                max_size_test=cfg.INPUT.MAX_SIZE_TEST, config=args.config_file, slice=sliced)
     try:
         files = export_model(model, samples[0], args.output, args.format, meta=meta)
     except ExportError as e:
         raise ExportError(f"{e} ({args.config_file}, --format {args.format})") from None
-    report = check_parity(model, load_exported(args.output, args.format), samples, args.atol, args.score_atol)
+    exported = load_exported(args.output, args.format)
+    report = check_parity(model, exported, samples, args.atol, args.score_atol)
     print(f"wrote {', '.join(files)}")
     print(f"parity of {args.format} + postprocess.py with the eager model on {len(samples)} images: max box "
           f"difference {report['max_box_diff']:.2e} px, max score difference {report['max_score_diff']:.2e}")
+    if sliced:
+        originals = load_samples(cfg, args.sample_images, args.num_samples, resize=False)
+        report = check_sliced_parity(cfg, model, exported, originals, args.atol, args.score_atol)
+        print(f"parity of sliced inference ({sliced['size'][0]}x{sliced['size'][1]} px tiles) with {args.format} and "
+              f"the eager model on {len(originals)} images: max box difference {report['max_box_diff']:.2e} px, "
+              f"max score difference {report['max_score_diff']:.2e}")
     return 0
 
 

@@ -4,11 +4,13 @@
     python tools/predict.py --config-file configs/synthetic/cascade_r18_cpu.yaml --input images/ \\
         --output output/predictions --draw MODEL.WEIGHTS output/demo/model_final.pth [TEST.AUG.ENABLED True]
         [TEST.SLICE.ENABLED True TEST.SLICE.SIZE "(512, 512)"]   # large images: tiles, merged once
+    python tools/predict.py --config-file CONFIG --input images/ --output out/ --exported export/  # deployed model
 
 Writes into --output: results.json (COCO results), images.json (image ids -> file names and sizes, and
 the image-level defect_score of models that output one, e.g. DefectRCNN), results.csv, skipped.txt
 (unreadable files) and, with --draw, vis/*.png. Unreadable images are reported
-and skipped. Existing results are never replaced without --overwrite.
+and skipped. With --exported, the model exported by tools/export_model.py runs in its runtime with its
+postprocess.py (plain or sliced inference; no TTA) instead of the eager model. Existing results are never replaced without --overwrite.
 """
 import argparse
 import logging
@@ -33,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--draw", action="store_true", help="also write vis/<image>.png with the detections")
     p.add_argument("--draw-threshold", type=float, default=0.3, help="hide detections below this score in PNGs")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    p.add_argument("--exported", default=None, metavar="DIR",
+                   help="run the model exported into DIR by tools/export_model.py (its runtime + postprocess.py) "
+                        "instead of the eager model; MODEL.WEIGHTS is then not needed")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (e.g. MODEL.WEIGHTS)")
     return p.parse_args(argv)
 
@@ -50,6 +55,20 @@ def _metadata(cfg, name):
     return None
 
 
+def _exported_detector(cfg, folder):
+    """The exported model of ``folder`` behind the eager model's interface; bad combinations are UsageErrors."""
+    from d2_defects.inference.export import ExportedDetector, load_exported
+
+    if cfg.TEST.AUG.ENABLED:
+        raise UsageError("--exported runs plain or sliced inference; test-time augmentation (TEST.AUG.ENABLED) "
+                         "needs the eager model")
+    exported = load_exported(folder)
+    fmt = exported.info.get("input_format", cfg.INPUT.FORMAT)
+    if fmt != cfg.INPUT.FORMAT:
+        raise UsageError(f"{folder} was exported for INPUT.FORMAT {fmt}, the config has {cfg.INPUT.FORMAT}")
+    return ExportedDetector(exported)
+
+
 def run(args):
     from detectron2.data.detection_utils import convert_image_to_rgb
     from d2_defects.inference import BatchPredictor, ResultsWriter, list_images
@@ -57,12 +76,13 @@ def run(args):
     cfg = load_config(args.config_file, args.opts)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not cfg.MODEL.WEIGHTS:
+    model = _exported_detector(cfg, args.exported) if args.exported else None
+    if model is None and not cfg.MODEL.WEIGHTS:
         raise UsageError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")
     files = list_images(args.input)
     meta = _metadata(cfg, args.dataset)
     writer = ResultsWriter(args.output, meta, overwrite=args.overwrite, draw=args.draw, draw_threshold=args.draw_threshold)
-    predictor = BatchPredictor(cfg)  # config values are checked (ConfigError) when the model is built
+    predictor = BatchPredictor(cfg, model=model)  # config values are checked (ConfigError) when the model is built
     n_det = 0
     for image_id, (path, image, output, error) in enumerate(
         predictor.predict_files(files, args.batch_size, args.num_workers, progress=tqdm), start=1

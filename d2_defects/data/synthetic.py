@@ -47,7 +47,7 @@ PRESETS = {
                 "num_images": 1000, "code": None},
     "large": {"dirname": "synthetic_defects_large",
               "environments": (("gray_xlarge", 2048, 1536, True, 1), ("rgb_large", 1600, 1200, False, 1)),
-              "defect_scale": 0.45, "num_images": 100, "code": 1},
+              "defect_scale": 0.45, "num_images": 400, "code": 1},
 }
 NORMAL_FRACTION = 0.25
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3}

@@ -42,6 +42,7 @@ from ..utils.errors import DefectsError
 __all__ = [
     "FORMATS", "MODEL_FILES", "ExportError", "export_model", "load_exported", "ExportedModel",
     "compare_detections", "check_parity", "deferred_postprocess", "load_samples", "output_files", "check_exportable",
+    "ExportedDetector", "sliced_exported", "check_sliced_parity",
 ]
 
 FORMATS = ("torchscript", "onnx", "openvino")
@@ -60,15 +61,13 @@ class ExportError(DefectsError, RuntimeError):
 def check_exportable(cfg):
     """
     Raise :class:`ExportError` naming the key for settings the exported graph cannot reproduce (checked before
-    the model is built): test-time augmentation, sliced inference, masks, and DefectRCNN's per-image skipping of the
-    heads.
+    the model is built): test-time augmentation, masks, and DefectRCNN's per-image skipping of the heads. Sliced
+    inference (``TEST.SLICE``) is allowed: the graph is the per-tile model, the tiling and the merge run in Python
+    (:func:`sliced_exported`).
     """
     if cfg.TEST.AUG.ENABLED:
         raise ExportError("TEST.AUG.ENABLED: test-time augmentation is not part of the exported graph; export "
                           "with TEST.AUG.ENABLED False (the parity check compares plain inference)")
-    if cfg.TEST.SLICE.ENABLED:
-        raise ExportError("TEST.SLICE.ENABLED: sliced inference runs the exported model per tile from Python, it is "
-                          "not part of the graph; export with TEST.SLICE.ENABLED False")
     if cfg.MODEL.MASK_ON:
         raise ExportError("MODEL.MASK_ON: the exported graph gives boxes, classes and scores; mask models (Mask "
                           "R-CNN, DefectSOLO) are not exported")
@@ -214,7 +213,10 @@ def export_model(model, image, output_dir, fmt, meta=None):
                 _convert_openvino(onnx_path, path)
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "deploy_postprocess.py"),
                     os.path.join(output_dir, "postprocess.py"))
-    info = dict(meta or {}, format=fmt, model_file=MODEL_FILES[fmt], outputs=names, postprocess=params)
+    from ..modeling.tta import model_num_classes
+
+    info = dict(meta or {}, format=fmt, model_file=MODEL_FILES[fmt], outputs=names, postprocess=params,
+                num_classes=model_num_classes(model))
     with open(os.path.join(output_dir, "postprocess.json"), "w") as f:
         json.dump(info, f, indent=2)
     return output_files(output_dir, fmt)
@@ -274,11 +276,12 @@ def _convert_openvino(onnx_path, xml_path):
     ov.save_model(ov_model, xml_path, compress_to_fp16=False)
 
 
-def load_samples(cfg, spec=None, n=3):
+def load_samples(cfg, spec=None, n=3, resize=True):
     """
     Model inputs for tracing and the parity check: (3, H, W) uint8 tensors resized like at test time, from
     the image files of ``spec`` (folder or glob; unreadable files are skipped) or, without ``spec``, ``n``
-    random images of three aspect ratios.
+    random images of three aspect ratios. With ``resize=False`` the images keep their size (the inputs of sliced
+    inference); random ones are then 1.5 tiles (``TEST.SLICE.SIZE``) high, so that they are cut into several tiles.
 
     Raises:
         ExportError: when ``spec`` holds no readable image.
@@ -298,10 +301,12 @@ def load_samples(cfg, spec=None, n=3):
                 break
     else:
         rng = np.random.default_rng(0)
-        s = cfg.INPUT.MIN_SIZE_TEST
+        s = cfg.INPUT.MIN_SIZE_TEST if resize else int(1.5 * max(cfg.TEST.SLICE.SIZE))
         images = [rng.integers(0, 256, (s, int(s * r), 3), dtype=np.uint8) for r in (4 / 3, 1.0, 1.5)[:n]]
     if not images:
         raise ExportError(f"no readable sample images in {spec}")
+    if not resize:
+        return [torch.as_tensor(np.ascontiguousarray(i.transpose(2, 0, 1))) for i in images]
     resize = ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     return [torch.as_tensor(np.ascontiguousarray(resize.get_transform(i).apply_image(i).transpose(2, 0, 1)))
             for i in images]
@@ -376,21 +381,87 @@ class ExportedModel:
         result = self._compiled([array])
         return [result[o] for o in self._compiled.outputs]
 
-    def __call__(self, image):
+    def __call__(self, image, output_size=None):
+        """
+        Args:
+            image: (3, H, W) uint8 model input (resized to the test size).
+            output_size (tuple): (height, width) to report boxes in (e.g. the image's before the test resize),
+                scaled and clipped as Detectron2's ``detector_postprocess`` does; default (H, W).
+        """
         outs = self.raw(image)
         boxes, classes, scores = outs[:3]
         params = self.info["postprocess"]
         h, w = (int(v) for v in image.shape[-2:])
-        boxes, scores, classes = self.postprocess.postprocess(boxes, scores, classes, params, (h, w))
-        inst = Instances((h, w), pred_boxes=Boxes(torch.as_tensor(np.ascontiguousarray(boxes))),
+        size = (h, w) if output_size is None else tuple(int(v) for v in output_size)
+        boxes, scores, classes = self.postprocess.postprocess(boxes, scores, classes, params, (h, w), size)
+        inst = Instances(size, pred_boxes=Boxes(torch.as_tensor(np.ascontiguousarray(boxes))),
                          scores=torch.as_tensor(np.ascontiguousarray(scores)),
                          pred_classes=torch.as_tensor(np.ascontiguousarray(classes)).long())
         return dict(instances=inst, **{k: float(v) for k, v in zip(self.outputs[3:], outs[3:])})
 
 
-def load_exported(output_dir, fmt, threads=None):
-    """:class:`ExportedModel` of ``output_dir`` (written by :func:`export_model`)."""
+def load_exported(output_dir, fmt=None, threads=None):
+    """:class:`ExportedModel` of ``output_dir`` (written by :func:`export_model`); ``fmt`` defaults to the format
+    recorded in its ``postprocess.json``."""
+    if fmt is None:
+        path = os.path.join(output_dir, "postprocess.json")
+        try:
+            with open(path) as f:
+                fmt = json.load(f)["format"]
+        except FileNotFoundError:
+            raise ExportError(f"{path} not found: not a folder written by tools/export_model.py") from None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ExportError(f"{path}: not a postprocess.json written by tools/export_model.py (no \"format\")") \
+                from None
     return ExportedModel(output_dir, fmt, threads=threads)
+
+
+class ExportedDetector:
+    """
+    An :class:`ExportedModel` behind the eager detectors' inference interface, so that the project's Python-side
+    inference runs exported models: ``detector([{"image": (3, h, w) uint8 at the test size, "height": H, "width":
+    W}, ...])`` returns ``[{"instances": boxes in H x W px, <image-level outputs>}, ...]`` as Detectron2's models
+    do. :class:`~d2_defects.modeling.slicing.SlicedDetector` and :class:`~d2_defects.inference.BatchPredictor`
+    take it in place of the eager model (``tools/predict.py --exported``).
+    """
+
+    training = False
+
+    def __init__(self, exported):
+        self.exported = exported
+        self.num_classes = exported.info.get("num_classes")  # K, for per-class score thresholds of the merge
+
+    def eval(self):
+        return self
+
+    def __call__(self, batched_inputs):
+        outs = []
+        for x in batched_inputs:
+            h, w = (int(v) for v in x["image"].shape[-2:])
+            outs.append(self.exported(x["image"], output_size=(int(x.get("height", h)), int(x.get("width", w)))))
+        return outs
+
+
+def sliced_exported(cfg, exported):
+    """
+    Sliced inference (``TEST.SLICE.*`` of ``cfg``) with an exported model: the same tiles, per-tile resize and single
+    merge as the eager model's (:class:`~d2_defects.modeling.slicing.SlicedDetector`), each tile run in the runtime
+    and through ``postprocess.py``. Returns a module with the detector's inference interface (inputs at the
+    image's original resolution). The runtime takes one tile per call (``TEST.SLICE.BATCH`` has no effect), which is
+    the eager model at ``BATCH`` 1: in an eager batch, tiles of other sizes are zero-padded to a common size, which
+    changes the features near a smaller tile's border.
+    """
+    from ..modeling.slicing import SlicedDetector
+
+    return SlicedDetector(_one_tile_per_pass(cfg), ExportedDetector(exported)).eval()
+
+
+def _one_tile_per_pass(cfg):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.TEST.SLICE.BATCH = 1
+    cfg.freeze()
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -465,3 +536,17 @@ def check_parity(model, exported, images, atol=1e-3, score_atol=1e-4):
         worst["max_score_diff"] = max(worst["max_score_diff"], diff["max_score_diff"], *extra.values())
         worst["num_detections"].append(len(eager["instances"]))
     return worst
+
+
+def check_sliced_parity(cfg, model, exported, images, atol=1e-3, score_atol=1e-4):
+    """
+    :func:`check_parity` of sliced inference (``TEST.SLICE.*`` of ``cfg``): the eager model's
+    :class:`~d2_defects.modeling.slicing.SlicedDetector` at ``BATCH`` 1 (see :func:`sliced_exported`) against
+    :func:`sliced_exported` on ``images`` ((3, H, W) uint8 tensors at their original resolution). Same return value
+    and error.
+    """
+    from ..modeling.slicing import SlicedDetector
+
+    sliced = sliced_exported(cfg, exported)
+    return check_parity(SlicedDetector(_one_tile_per_pass(cfg), model).eval(), lambda image: sliced([{"image": image}])[0], images,
+                        atol, score_atol)

@@ -86,7 +86,8 @@ class BatchPredictor:
         Args:
             cfg (CfgNode): model config; ``MODEL.DEVICE`` chooses CPU/CUDA, ``TEST.AUG.ENABLED`` turns on TTA,
                 ``TEST.SLICE.ENABLED`` sliced inference.
-            model (nn.Module or None): an already built model (weights are then not loaded).
+            model (nn.Module or None): an already built model (weights are then not loaded), or an exported one
+                (``d2_defects.inference.export.ExportedDetector``).
         """
         self.cfg = cfg.clone()
         try:

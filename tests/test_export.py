@@ -245,6 +245,58 @@ def test_export_deformable_convs(fmt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Mask R-CNN heads: the masks of the kept candidates, pasted by postprocess.py
+
+
+def test_deploy_paste_masks_equals_detectron2():
+    """postprocess.py's numpy paste against Detectron2's paste_masks_in_image: sub-pixel and large boxes, boxes on
+    the image border, non-square images."""
+    from detectron2.layers.mask_ops import paste_masks_in_image
+
+    rng = np.random.default_rng(0)
+    pixels = 0
+    for size in [(80, 120), (61, 47)]:
+        for _ in range(20):
+            n, m = 6, int(rng.choice([14, 28]))
+            masks = rng.random((n, m, m)).astype(np.float32)
+            wh = np.stack([rng.uniform(0.3, size[1], n), rng.uniform(0.3, size[0], n)], 1)
+            x0y0 = rng.uniform(0, 1, (n, 2)) * (np.array(size[::-1]) - wh)
+            boxes = np.concatenate([x0y0, x0y0 + wh], 1).astype(np.float32)
+            ref = paste_masks_in_image(torch.as_tensor(masks), torch.as_tensor(boxes), size).numpy()
+            got = deploy_postprocess.paste_masks(masks, boxes, size)
+            assert got.dtype == bool and got.shape == ref.shape and np.array_equal(got, ref)
+            pixels += int(ref.sum())
+    assert pixels > 10000
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_mask_rcnn_parity(fmt, tmp_path):
+    """Cascade Mask R-CNN: the graph also returns every candidate's mask probabilities; postprocess.py keeps those
+    of the kept detections and pastes them: the eager masks, pixel for pixel up to OpenVINO's rounding."""
+    cfg = load_config(os.path.join(ROOT, "configs", "synthetic", "cascade_mask_r18_cpu.yaml"), TINY_OPTS)
+    check_exportable(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images = _images(cfg)
+    export_model(model, images[0], str(tmp_path), fmt)
+    exported = load_exported(str(tmp_path))
+    assert exported.outputs == ["boxes", "classes", "scores", "masks"]
+    report = check_parity(model, exported, images)
+    assert min(report["num_detections"]) > 0 and report["max_mask_diff"] <= (0.01 if fmt == "openvino" else 0.0)
+    got = exported(images[2], output_size=(150, 200))["instances"]
+    assert got.pred_masks.shape == (len(got), 150, 200) and got.pred_masks.dtype == torch.bool
+    assert 0 < int(got.pred_masks.sum())
+    # a mask moved by a few pixels is caught and named
+    def shifted(image):
+        out = exported(image)
+        out["instances"].pred_masks = torch.roll(out["instances"].pred_masks, 3, dims=2)
+        return out
+
+    with pytest.raises(ExportError, match="a mask differs in .* of its pixels"):
+        check_parity(model, shifted, images[:1])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # sliced inference with an exported model
 
 SLICE_OPTS = ["TEST.SLICE.ENABLED", "True", "TEST.SLICE.SIZE", "(64, 80)", "TEST.SLICE.OVERLAP", "0.25",

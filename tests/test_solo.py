@@ -247,7 +247,7 @@ def test_solo_trains_and_evaluates_through_train_net(tmp_path):
 def test_solo_on_a_box_dataset_and_export_stop_with_one_error(tmp_path):
     from d2_defects.inference.export import ExportError, check_exportable
 
-    with pytest.raises(ExportError, match="MODEL.MASK_ON"):
+    with pytest.raises(ExportError, match="MODEL.META_ARCHITECTURE DefectSOLO"):
         check_exportable(load_config(SOLO_CONFIG, TINY_OPTS))
     with pytest.raises(ConfigError, match="TEST.AUG.ENABLED"):
         from d2_defects.modeling.tta import tta_options

@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--atol", type=float, default=1e-3, help="allowed box difference in px (default 1e-3)")
     p.add_argument("--score-atol", type=float, default=1e-4,
                    help="allowed score (and defect_score) difference (default 1e-4)")
+    p.add_argument("--mask-atol", type=float, default=0.01,
+                   help="mask models: allowed share of a mask's pixels that differ (default 0.01)")
     p.add_argument("--overwrite", action="store_true", help="replace existing exported files")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (e.g. MODEL.WEIGHTS)")
     return p.parse_args(argv)
@@ -80,13 +82,15 @@ def run(args):
     except ExportError as e:
         raise ExportError(f"{e} ({args.config_file}, --format {args.format})") from None
     exported = load_exported(args.output, args.format)
-    report = check_parity(model, exported, samples, args.atol, args.score_atol)
+    report = check_parity(model, exported, samples, args.atol, args.score_atol, args.mask_atol)
     print(f"wrote {', '.join(files)}")
     print(f"parity of {args.format} + postprocess.py with the eager model on {len(samples)} images: max box "
-          f"difference {report['max_box_diff']:.2e} px, max score difference {report['max_score_diff']:.2e}")
+          f"difference {report['max_box_diff']:.2e} px, max score difference {report['max_score_diff']:.2e}"
+          + (f", max mask difference {100 * report['max_mask_diff']:.3f}% of a mask's pixels"
+             if "masks" in exported.outputs else ""))
     if sliced:
         originals = load_samples(cfg, args.sample_images, args.num_samples, resize=False)
-        report = check_sliced_parity(cfg, model, exported, originals, args.atol, args.score_atol)
+        report = check_sliced_parity(cfg, model, exported, originals, args.atol, args.score_atol)  # boxes only
         print(f"parity of sliced inference ({sliced['size'][0]}x{sliced['size'][1]} px tiles) with {args.format} and "
               f"the eager model on {len(originals)} images: max box difference {report['max_box_diff']:.2e} px, "
               f"max score difference {report['max_score_diff']:.2e}")

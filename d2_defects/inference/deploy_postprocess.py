@@ -18,13 +18,15 @@ lower candidate index first); keep the first ``topk_per_image`` (< 0: all). IoU 
 the "+1" convention, like ``torchvision.ops.box_iou``. Raising a threshold in ``postprocess.json`` needs no
 re-export; lowering it below the exported value has no effect (those candidates are not in the graph's output).
 Last, as Detectron2's ``detector_postprocess``: boxes scaled to the output size, clipped, empty ones dropped.
-Only numpy is imported.
+Mask models (Mask R-CNN heads) also output ``masks`` (N, M, M): per-box mask probabilities; with
+``return_index=True`` :func:`postprocess` says which candidates it kept, and :func:`paste_masks` turns theirs into
+image masks (as Detectron2's ``paste_masks_in_image``). Only numpy is imported.
 """
 import math
 
 import numpy as np
 
-__all__ = ["postprocess", "nms", "soft_nms"]
+__all__ = ["postprocess", "nms", "soft_nms", "paste_masks"]
 
 _SOFT_NMS_METHODS = ("linear", "gaussian", "hard")
 
@@ -123,7 +125,7 @@ def soft_nms(boxes, scores, classes, method="linear", sigma=0.5, iou_thresh=0.5,
     return keep[order], final[order]
 
 
-def postprocess(boxes, scores, classes, params, input_size, output_size=None):
+def postprocess(boxes, scores, classes, params, input_size, output_size=None, return_index=False):
     """
     Final detections of one image from the exported graph's candidates.
 
@@ -135,11 +137,13 @@ def postprocess(boxes, scores, classes, params, input_size, output_size=None):
         input_size (tuple): (height, width) of the image given to the graph.
         output_size (tuple): (height, width) to report boxes in, e.g. the original image's before the test
             resize (default: ``input_size``).
+        return_index (bool): also return the candidates' indices (M,), e.g. to select their ``masks``.
     Returns:
         boxes (M, 4), scores (M,), classes (M,): by score (descending); boxes scaled to ``output_size``,
         clipped to it, empty ones dropped (as Detectron2's ``detector_postprocess``).
     """
     boxes, scores, classes = np.asarray(boxes), np.asarray(scores), np.asarray(classes).astype(np.int64)
+    index = np.arange(len(boxes))
     if params is not None:
         per_class = params.get("score_thresh_per_class")
         if per_class:
@@ -147,7 +151,7 @@ def postprocess(boxes, scores, classes, params, input_size, output_size=None):
         else:
             thresh = np.asarray(params["score_thresh"], dtype=scores.dtype)
         cand = np.flatnonzero(scores > thresh)
-        boxes, scores, classes = boxes[cand], scores[cand], classes[cand]
+        boxes, scores, classes, index = boxes[cand], scores[cand], classes[cand], index[cand]
         if params.get("soft_nms"):
             keep, new_scores = soft_nms(boxes, scores, classes, params["soft_nms_method"], params["soft_nms_sigma"],
                                         params["soft_nms_iou_thresh"], params["soft_nms_score_thresh"])
@@ -158,7 +162,7 @@ def postprocess(boxes, scores, classes, params, input_size, output_size=None):
         k = int(params.get("topk_per_image", -1))
         if k >= 0:
             keep, new_scores = keep[:k], new_scores[:k]
-        boxes, scores, classes = boxes[keep], new_scores, classes[keep]
+        boxes, scores, classes, index = boxes[keep], new_scores, classes[keep], index[keep]
     out_h, out_w = output_size or input_size
     boxes = boxes.copy()
     if (out_h, out_w) != tuple(input_size):
@@ -167,4 +171,50 @@ def postprocess(boxes, scores, classes, params, input_size, output_size=None):
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, out_w)
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, out_h)
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if return_index:
+        return boxes[nonempty], scores[nonempty], classes[nonempty], index[nonempty]
     return boxes[nonempty], scores[nonempty], classes[nonempty]
+
+
+def _sampling_weights(start, end, box_lo, box_hi, m):
+    """(end - start, m) weights of bilinear sampling (``grid_sample``, ``align_corners=False``, zeros outside) of an
+    m-cell mask side spread over [box_lo, box_hi], at the pixel centres start + 0.5 ... end - 0.5."""
+    centres = np.arange(start, end, dtype=np.float32) + np.float32(0.5)
+    g = (centres - np.float32(box_lo)) / np.float32(box_hi - box_lo) * np.float32(2) - np.float32(1)
+    pos = ((g + np.float32(1)) * np.float32(m) - np.float32(1)) / np.float32(2)  # in mask cells
+    lo = np.floor(pos)
+    frac = (pos - lo).astype(np.float32)
+    lo = lo.astype(np.int64)
+    w = np.zeros((len(centres), m + 2), np.float32)  # columns -1 and m: the zero padding, dropped below
+    rows = np.arange(len(centres))
+    w[rows, np.clip(lo, -1, m) + 1] += np.float32(1) - frac
+    w[rows, np.clip(lo + 1, -1, m) + 1] += frac
+    return w[:, 1:-1]
+
+
+def paste_masks(masks, boxes, image_size, threshold=0.5):
+    """
+    Image masks from per-box mask probabilities, as Detectron2's ``paste_masks_in_image``: each (M, M) mask is
+    stretched over its box, sampled bilinearly at every pixel centre (``grid_sample`` with ``align_corners=False``,
+    zero outside the mask) and thresholded (``>= threshold``).
+
+    Args:
+        masks (ndarray): (N, M, M) probabilities in [0, 1]. boxes (ndarray): (N, 4) XYXY in image pixels.
+        image_size (tuple): (height, width).
+    Returns:
+        ndarray: (N, height, width) bool.
+    """
+    masks, boxes = np.asarray(masks, np.float32), np.asarray(boxes, np.float32)
+    h, w = (int(v) for v in image_size)
+    out = np.zeros((len(masks), h, w), bool)
+    for i, (mask, (x0, y0, x1, y1)) in enumerate(zip(masks, boxes)):
+        m = mask.shape[-1]
+        # only pixels within a pixel of the box can sample the mask
+        ys, ye = max(0, int(math.floor(y0)) - 1), min(h, int(math.ceil(y1)) + 1)
+        xs, xe = max(0, int(math.floor(x0)) - 1), min(w, int(math.ceil(x1)) + 1)
+        if ye <= ys or xe <= xs:
+            continue
+        wy = _sampling_weights(ys, ye, y0, y1, m)
+        wx = _sampling_weights(xs, xe, x0, x1, m)
+        out[i, ys:ye, xs:xe] = (wy @ mask @ wx.T) >= threshold
+    return out

@@ -61,16 +61,16 @@ class ExportError(DefectsError, RuntimeError):
 def check_exportable(cfg):
     """
     Raise :class:`ExportError` naming the key for settings the exported graph cannot reproduce (checked before
-    the model is built): test-time augmentation, masks, and DefectRCNN's per-image skipping of the heads. Sliced
+    the model is built): test-time augmentation, DefectSOLO, and DefectRCNN's per-image skipping of the heads. Sliced
     inference (``TEST.SLICE``) is allowed: the graph is the per-tile model, the tiling and the merge run in Python
     (:func:`sliced_exported`).
     """
     if cfg.TEST.AUG.ENABLED:
         raise ExportError("TEST.AUG.ENABLED: test-time augmentation is not part of the exported graph; export "
                           "with TEST.AUG.ENABLED False (the parity check compares plain inference)")
-    if cfg.MODEL.MASK_ON:
-        raise ExportError("MODEL.MASK_ON: the exported graph gives boxes, classes and scores; mask models (Mask "
-                          "R-CNN, DefectSOLO) are not exported")
+    if cfg.MODEL.MASK_ON and cfg.MODEL.META_ARCHITECTURE == "DefectSOLO":
+        raise ExportError("MODEL.META_ARCHITECTURE DefectSOLO: its masks come from dynamic kernels and Matrix NMS, "
+                          "which the exported graph does not hold; Mask R-CNN heads (MODEL.MASK_ON) are exported")
     if cfg.MODEL.META_ARCHITECTURE == "DefectRCNN" and cfg.MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD > 0:
         raise ExportError(
             f"cannot trace DefectRCNN: MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD={cfg.MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD}"
@@ -129,6 +129,7 @@ class _FlatDetector(nn.Module):
                               "subclasses (R-CNN, DefectRCNN, DefectFCOS, RetinaNet) are supported")
         self.model = model
         self.extra_names = ["defect_score"] if hasattr(model, "image_logits") else []
+        self.with_masks = bool(getattr(getattr(model, "roi_heads", None), "mask_on", False))
 
     def forward(self, image):
         m = self.model
@@ -144,7 +145,8 @@ class _FlatDetector(nn.Module):
             features = [features[f] for f in m.head_in_features]
             results = m.forward_inference(images, features, m.head(features))
         inst = results[0]
-        return (inst.pred_boxes.tensor, inst.pred_classes, inst.scores) + extras
+        masks = (inst.pred_masks[:, 0],) if self.with_masks else ()
+        return (inst.pred_boxes.tensor, inst.pred_classes, inst.scores) + masks + extras
 
 
 def _first_line(e):
@@ -198,7 +200,7 @@ def export_model(model, image, output_dir, fmt, meta=None):
                 traced = torch.jit.trace(flat, (image,), check_trace=False)
         except (RuntimeError, ValueError, TypeError, AssertionError) as e:
             raise ExportError(f"cannot trace {type(model).__name__}: {_first_line(e)}") from None
-        names = ["boxes", "classes", "scores"] + flat.extra_names
+        names = ["boxes", "classes", "scores"] + (["masks"] if flat.with_masks else []) + flat.extra_names
         if fmt == "torchscript":
             traced.save(path)
         elif fmt == "onnx":
@@ -388,16 +390,19 @@ class ExportedModel:
             output_size (tuple): (height, width) to report boxes in (e.g. the image's before the test resize),
                 scaled and clipped as Detectron2's ``detector_postprocess`` does; default (H, W).
         """
-        outs = self.raw(image)
-        boxes, classes, scores = outs[:3]
+        outs = dict(zip(self.outputs, self.raw(image)))
         params = self.info["postprocess"]
         h, w = (int(v) for v in image.shape[-2:])
         size = (h, w) if output_size is None else tuple(int(v) for v in output_size)
-        boxes, scores, classes = self.postprocess.postprocess(boxes, scores, classes, params, (h, w), size)
+        boxes, scores, classes, index = self.postprocess.postprocess(
+            outs["boxes"], outs["scores"], outs["classes"], params, (h, w), size, return_index=True)
         inst = Instances(size, pred_boxes=Boxes(torch.as_tensor(np.ascontiguousarray(boxes))),
                          scores=torch.as_tensor(np.ascontiguousarray(scores)),
                          pred_classes=torch.as_tensor(np.ascontiguousarray(classes)).long())
-        return dict(instances=inst, **{k: float(v) for k, v in zip(self.outputs[3:], outs[3:])})
+        if "masks" in outs:  # Mask R-CNN heads: the kept candidates' masks, pasted at the output size
+            inst.pred_masks = torch.as_tensor(self.postprocess.paste_masks(outs["masks"][index], boxes, size))
+        return dict(instances=inst, **{k: float(v) for k, v in outs.items()
+                                       if k not in ("boxes", "classes", "scores", "masks")})
 
 
 def load_exported(output_dir, fmt=None, threads=None):
@@ -476,10 +481,11 @@ def compare_detections(a, b, atol=1e-3, score_atol=1e-4):
 
     Returns:
         dict: ``ok`` (same number, all matched), ``num`` (len(a), len(b)), ``unmatched`` (count),
-        ``max_box_diff`` (px), ``max_score_diff`` (over matched pairs; inf when none matched but some exist).
+        ``max_box_diff`` (px), ``max_score_diff`` (over matched pairs; inf when none matched but some exist),
+        ``pairs`` (the matched (index in a, index in b)).
     """
     na, nb = len(a), len(b)
-    out = dict(ok=na == nb, num=(na, nb), unmatched=0, max_box_diff=0.0, max_score_diff=0.0)
+    out = dict(ok=na == nb, num=(na, nb), unmatched=0, max_box_diff=0.0, max_score_diff=0.0, pairs=[])
     if na == 0 or nb == 0:
         out["unmatched"] = max(na, nb)
         if na or nb:
@@ -500,24 +506,26 @@ def compare_detections(a, b, atol=1e-3, score_atol=1e-4):
             out["unmatched"] += 1
             continue
         used[j] = True
+        out["pairs"].append((int(i), j))
         worst_box, worst_score = max(worst_box, box[i, j]), max(worst_score, score[i, j])
     out.update(ok=out["ok"] and out["unmatched"] == 0, max_box_diff=float(worst_box),
                max_score_diff=float(worst_score))
     return out
 
 
-def check_parity(model, exported, images, atol=1e-3, score_atol=1e-4):
+def check_parity(model, exported, images, atol=1e-3, score_atol=1e-4, mask_atol=0.01):
     """
     Run the eager ``model`` and ``exported`` (an :class:`ExportedModel` or any callable with its output
-    format) on ``images`` ((3, H, W) uint8 tensors) and compare detections and image-level outputs.
+    format) on ``images`` ((3, H, W) uint8 tensors) and compare detections, masks and image-level outputs.
 
     Returns:
         dict: ``max_box_diff``, ``max_score_diff`` over all images (image-level outputs count as scores),
-        ``num_detections`` (eager, per image).
+        ``max_mask_diff`` (mask models: the largest share of a matched pair's mask pixels, eager or exported, that
+        differ; 0 otherwise), ``num_detections`` (eager, per image).
     Raises:
-        ExportError: naming the first image that differs beyond ``atol`` px / ``score_atol``.
+        ExportError: naming the first image that differs beyond ``atol`` px / ``score_atol`` / ``mask_atol``.
     """
-    worst = dict(max_box_diff=0.0, max_score_diff=0.0, num_detections=[])
+    worst = dict(max_box_diff=0.0, max_score_diff=0.0, max_mask_diff=0.0, num_detections=[])
     model.eval()
     for i, image in enumerate(images):
         with torch.no_grad():
@@ -525,8 +533,12 @@ def check_parity(model, exported, images, atol=1e-3, score_atol=1e-4):
         got = exported(image)
         diff = compare_detections(eager["instances"], got["instances"], atol, score_atol)
         extra = {k: abs(float(eager[k]) - got.get(k, float("inf"))) for k in eager if k != "instances"}
-        if not diff["ok"] or any(not v <= score_atol for v in extra.values()):
+        mask_diff = _mask_diff(eager["instances"], got["instances"], diff["pairs"])
+        if not diff["ok"] or any(not v <= score_atol for v in extra.values()) or not mask_diff <= mask_atol:
             detail = ", ".join(f"{k} differs by {v:.2e}" for k, v in extra.items() if not v <= score_atol)
+            if not mask_diff <= mask_atol:
+                detail = ", ".join(x for x in (detail, f"a mask differs in {100 * mask_diff:.2f}% of its pixels "
+                                                       f"(allowed {100 * mask_atol:.2f}%)") if x)
             if not diff["ok"]:
                 detail = (f"{diff['num'][0]} eager vs {diff['num'][1]} exported detections, {diff['unmatched']} "
                           f"without a match within {atol} px / score {score_atol}" + (f"; {detail}" if detail else ""))
@@ -534,7 +546,22 @@ def check_parity(model, exported, images, atol=1e-3, score_atol=1e-4):
                               f"(shape {tuple(image.shape)}): {detail}")
         worst["max_box_diff"] = max(worst["max_box_diff"], diff["max_box_diff"])
         worst["max_score_diff"] = max(worst["max_score_diff"], diff["max_score_diff"], *extra.values())
+        worst["max_mask_diff"] = max(worst["max_mask_diff"], mask_diff)
         worst["num_detections"].append(len(eager["instances"]))
+    return worst
+
+
+def _mask_diff(a, b, pairs):
+    """The largest share of differing pixels among the matched pairs' masks (over the pixels in either mask);
+    inf when only one side has masks."""
+    if not a.has("pred_masks") and not b.has("pred_masks"):
+        return 0.0
+    if not (a.has("pred_masks") and b.has("pred_masks")):
+        return float("inf")
+    worst = 0.0
+    for i, j in pairs:
+        ma, mb = a.pred_masks[i].bool(), b.pred_masks[j].bool()
+        worst = max(worst, float((ma ^ mb).sum()) / max(1.0, float((ma | mb).sum())))
     return worst
 
 

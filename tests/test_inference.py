@@ -88,7 +88,7 @@ def _assert_same(a, b, atol=1e-3):
 # test-time augmentation
 
 
-# box models: TTA merges boxes only (a mask model stops with a ConfigError, tested in test_masks.py / test_solo.py)
+# box models (TTA of mask models: test_masks.py; DefectSOLO's config error: test_solo.py)
 SYNTHETIC_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "synthetic", "*.yaml"))
                            if "MASK_ON: True" not in open(p).read())
 

@@ -419,10 +419,74 @@ def test_predict_writes_and_draws_masks(masked, tmp_path, capsys):
     assert len(list((out / "vis").glob("*.png"))) == 2
 
 
-@pytest.mark.parametrize("key", ["TEST.AUG.ENABLED", "TEST.SLICE.ENABLED", "INPUT.SLICE.ENABLED"])
+@pytest.mark.parametrize("key", ["TEST.SLICE.ENABLED", "INPUT.SLICE.ENABLED"])
 def test_box_only_tricks_stop_a_mask_model_with_a_config_error(key):
     from d2_defects.engine.validation import validate_config
 
     cfg = load_config(MASK_CONFIG, [*TINY_OPTS, key, "True", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
     with pytest.raises(ConfigError, match=rf"{key}: .*MODEL.MASK_ON"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("merge", ["nms", "wbf"])
+def test_tta_masks_equal_detectron2_tta(merge):
+    """Cascade Mask R-CNN under TTA (two sizes x horizontal flip): the merged boxes' masks are the mask head's
+    probabilities in every view, flipped back and averaged, as Detectron2's GeneralizedRCNNWithTTA computes them
+    (the oracle, for the "nms" merge, which is its merge); with one view, the model's own output."""
+    from detectron2.layers.mask_ops import paste_masks_in_image
+    from detectron2.modeling import GeneralizedRCNNWithTTA
+
+    from d2_defects.inference.export import compare_detections
+    from d2_defects.modeling.tta import DefectTTA
+
+    aug = ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(96, 128)", "TEST.AUG.MAX_SIZE", "200",
+           "TEST.AUG.FLIP", "True", "TEST.AUG.MERGE", merge,
+           "TEST.DETECTIONS_PER_IMAGE", "1000"]  # random weights: near-equal scores, no top-k cut among them
+    cfg = load_config(MASK_CONFIG, [*TINY_OPTS, *aug])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    inp = {"image": image, "height": 120, "width": 160}
+    with torch.no_grad():
+        ours = DefectTTA(cfg, model).eval()([inp])[0]["instances"]
+    assert ours.pred_masks.shape == (len(ours), 120, 160) and len(ours) > 0 and ours.pred_masks.any()
+    if merge == "nms":
+        with torch.no_grad():
+            # the same batches of views (an eager batch zero-pads its views to one size)
+            oracle = GeneralizedRCNNWithTTA(cfg, model, batch_size=4)([inp])[0]["instances"]
+        diff = compare_detections(oracle, ours, atol=1e-3, score_atol=1e-4)
+        assert diff["ok"], diff
+        for i, j in diff["pairs"]:
+            a, b = oracle.pred_masks[i], ours.pred_masks[j]
+            assert int((a ^ b).sum()) <= max(2, 0.01 * int((a | b).sum()))
+    else:  # wbf moves the boxes: the masks are still the views' averaged probabilities for the fused boxes
+        from detectron2.data.transforms import ResizeShortestEdge
+        from detectron2.structures import Boxes, Instances
+
+        hwc = image.permute(1, 2, 0).numpy()
+        inputs, given = [], []
+        for s in (96, 128):  # DefectTTA's views, in its order, in one batch as it runs them
+            view = torch.as_tensor(ResizeShortestEdge(s, 200).get_transform(hwc).apply_image(hwc).copy())
+            view = view.permute(2, 0, 1)
+            vh, vw = view.shape[-2:]
+            for hflip in (False, True):
+                b = ours.pred_boxes.tensor.clone() * torch.tensor([vw / 160, vh / 120, vw / 160, vh / 120])
+                if hflip:
+                    b[:, [0, 2]] = vw - b[:, [2, 0]]
+                inputs.append({"image": (view.flip(-1) if hflip else view).contiguous()})
+                given.append(Instances((vh, vw), pred_boxes=Boxes(b), pred_classes=ours.pred_classes))
+        with torch.no_grad():
+            outs = model.inference(inputs, given, do_postprocess=False)
+        probs = [o.pred_masks.flip(-1) if k % 2 else o.pred_masks for k, o in enumerate(outs)]
+        expected = paste_masks_in_image(torch.stack(probs).mean(0)[:, 0], ours.pred_boxes.tensor, (120, 160))
+        assert torch.equal(expected, ours.pred_masks)
+    # one view: the plain model's output, masks included
+    one = load_config(MASK_CONFIG, [*TINY_OPTS, *aug, "TEST.AUG.MIN_SIZES", "(96,)", "TEST.AUG.FLIP", "False"])
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    hwc = image.permute(1, 2, 0).numpy()
+    resized = torch.as_tensor(ResizeShortestEdge(96, 200).get_transform(hwc).apply_image(hwc).copy()).permute(2, 0, 1)
+    with torch.no_grad():
+        plain = model([{"image": resized.contiguous(), "height": 120, "width": 160}])[0]["instances"]
+        single = DefectTTA(one, model).eval()([inp])[0]["instances"]
+    assert torch.equal(plain.pred_masks, single.pred_masks) and torch.equal(plain.scores, single.scores)

@@ -10,9 +10,16 @@ Each input image is resized to every ``TEST.AUG.MIN_SIZES`` short side (long sid
 (``TEST.AUG.VFLIP``); the model runs on all of them, boxes are flipped back in the original image's
 coordinates and merged with ``TEST.AUG.MERGE`` (see :mod:`d2_defects.modeling.merge`). Image-level scalar
 outputs next to ``instances`` (e.g. an image defect score) are averaged over the views.
+
+Mask R-CNN heads (``MODEL.MASK_ON`` on a ``GeneralizedRCNN``): the merged boxes are mapped into every view, the
+mask head runs on them there (``inference(..., detected_instances=...)``), the per-box mask probabilities of the
+views are flipped back and averaged, then pasted into the image at threshold 0.5 -- what Detectron2's
+``GeneralizedRCNNWithTTA`` does for masks (tested against it). DefectSOLO's masks are not merged (a config error).
 """
 import torch
 from detectron2.data.transforms import ResizeShortestEdge
+from detectron2.layers.mask_ops import paste_masks_in_image
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
@@ -48,9 +55,12 @@ def tta_options(cfg):
         raise ConfigError(f"TEST.AUG.MERGE must be one of {MERGE_METHODS}, got {aug.MERGE!r}")
     if not 0 < aug.WBF_IOU_THRESH < 1:
         raise ConfigError(f"TEST.AUG.WBF_IOU_THRESH must be in (0, 1), got {aug.WBF_IOU_THRESH}")
-    if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
-        raise ConfigError("TEST.AUG.ENABLED: test-time augmentation merges boxes only (MODEL.MASK_ON and "
-                         "MODEL.KEYPOINT_ON must be False)")
+    if cfg.MODEL.KEYPOINT_ON:
+        raise ConfigError("TEST.AUG.ENABLED: test-time augmentation merges boxes and Mask R-CNN masks, not "
+                          "keypoints (MODEL.KEYPOINT_ON must be False)")
+    if cfg.MODEL.MASK_ON and cfg.MODEL.META_ARCHITECTURE == "DefectSOLO":
+        raise ConfigError("TEST.AUG.ENABLED: test-time augmentation merges Mask R-CNN masks, not DefectSOLO's "
+                          "(MODEL.META_ARCHITECTURE DefectSOLO)")
     return dict(min_sizes=min_sizes, max_size=int(aug.MAX_SIZE), flip=bool(aug.FLIP), vflip=bool(aug.VFLIP),
                 merge=aug.MERGE, wbf_iou_thresh=float(aug.WBF_IOU_THRESH))
 
@@ -77,6 +87,10 @@ class DefectTTA(nn.Module):
         # SCORE_THRESH_PER_CLASS is checked against the classes of the model actually built
         self.params = PostprocessParams.from_config(cfg, num_classes=model_num_classes(model))
         self.batch_size = batch_size
+        self.with_masks = bool(cfg.MODEL.MASK_ON)
+        if self.with_masks and not (isinstance(model, GeneralizedRCNN) and getattr(model.roi_heads, "mask_on", False)):
+            raise ConfigError(f"TEST.AUG.ENABLED with MODEL.MASK_ON: masks are merged for Mask R-CNN heads only, not "
+                              f"for {type(model).__name__}")
 
     def augmentations(self):
         """list of (min_size, hflip, vflip) in the order they are run."""
@@ -144,6 +158,9 @@ class DefectTTA(nn.Module):
 
         image = inp["image"]
         h, w = int(inp.get("height", image.shape[-2])), int(inp.get("width", image.shape[-1]))
+        if self.with_masks and len(self.augmentations()) == 1:  # one view: the model's own output, masks included
+            (img, _, _), = self._augmented_images(image)
+            return self.model([{"image": img, "height": h, "width": w}])[0]
         boxes, scores, classes, extras = self.view_detections(image, h, w)
         if len(boxes) == 1:
             # one view: the model's own detections (re-running NMS on clipped boxes could drop some)
@@ -152,8 +169,41 @@ class DefectTTA(nn.Module):
             b, s, c = merge_detections(boxes, scores, classes, (h, w), self.options["merge"], self.params,
                                        wbf_iou_thresh=self.options["wbf_iou_thresh"])
         ret = {"instances": detections_to_instances((h, w), b, s, c)}
+        if self.with_masks:
+            ret["instances"].pred_masks = self._merged_masks(image, b, c, h, w)
         ret.update(mean_scalars(extras))  # e.g. DefectRCNN's "defect_score": mean over the views
         return ret
+
+    @torch.no_grad()
+    def _merged_masks(self, image, boxes, classes, h, w):
+        """(N, h, w) bool masks of the merged ``boxes`` (in the h x w frame): the mask head's probabilities for these
+        boxes in every view, flips undone, averaged, pasted at threshold 0.5."""
+        if len(boxes) == 0:
+            return torch.zeros((0, h, w), dtype=torch.bool, device=boxes.device)
+        views = []
+        for img, hflip, vflip in self._augmented_images(image):
+            vh, vw = img.shape[-2:]
+            b = boxes.clone()
+            b[:, 0::2] *= vw / w
+            b[:, 1::2] *= vh / h
+            if hflip:
+                b[:, [0, 2]] = vw - b[:, [2, 0]]
+            if vflip:
+                b[:, [1, 3]] = vh - b[:, [3, 1]]
+            views.append((img, Instances((vh, vw), pred_boxes=Boxes(b), pred_classes=classes), hflip, vflip))
+        probs = []
+        for i in range(0, len(views), self.batch_size):  # batched as the detection pass was
+            chunk = views[i:i + self.batch_size]
+            outs = self.model.inference([{"image": v[0]} for v in chunk], detected_instances=[v[1] for v in chunk],
+                                        do_postprocess=False)
+            for (_, _, hflip, vflip), out in zip(chunk, outs):
+                m = out.pred_masks
+                if hflip:  # a mask is drawn in its box: flipping the box back flips the mask inside it
+                    m = m.flip(-1)
+                if vflip:
+                    m = m.flip(-2)
+                probs.append(m)
+        return paste_masks_in_image(torch.stack(probs).mean(0)[:, 0], boxes, (h, w), threshold=0.5)
 
 
 def detections_to_instances(image_size, boxes, scores, classes):

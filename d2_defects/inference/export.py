@@ -394,8 +394,11 @@ class ExportedModel:
         params = self.info["postprocess"]
         h, w = (int(v) for v in image.shape[-2:])
         size = (h, w) if output_size is None else tuple(int(v) for v in output_size)
-        boxes, scores, classes, index = self.postprocess.postprocess(
-            outs["boxes"], outs["scores"], outs["classes"], params, (h, w), size, return_index=True)
+        args = (outs["boxes"], outs["scores"], outs["classes"], params, (h, w), size)
+        if "masks" in outs:
+            boxes, scores, classes, index = self.postprocess.postprocess(*args, return_index=True)
+        else:  # also the postprocess.py of box models exported before return_index existed
+            boxes, scores, classes = self.postprocess.postprocess(*args)
         inst = Instances(size, pred_boxes=Boxes(torch.as_tensor(np.ascontiguousarray(boxes))),
                          scores=torch.as_tensor(np.ascontiguousarray(scores)),
                          pred_classes=torch.as_tensor(np.ascontiguousarray(classes)).long())

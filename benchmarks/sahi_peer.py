@@ -4,7 +4,7 @@
         --weights output/ablation/slicing/sliced_train/seed0/model_final.pth --threads 1
 
 The model is built from the config (its ``TEST.SLICE`` settings: tile size, overlap, whole-image view) and runs on
-every image of ``--dataset`` (default: the config's first test set) in three ways, one image at a time, in this
+every image of ``--dataset`` (default: the config's first test set) in three or four ways, one image at a time, in this
 process and interleaved image by image (so that load drifts hit all three alike):
 
 - ``ours``: the project's sliced inference (``SlicedDetector`` at ``TEST.SLICE.BATCH`` 1, one tile per pass like
@@ -53,6 +53,7 @@ def parse_args(argv=None):
 def _peer_class():
     from sahi.models.base import DetectionModel
     from sahi.prediction import ObjectPrediction
+    from sahi.utils.compatibility import fix_full_shape_list, fix_shift_amount_list
 
     class Peer(DetectionModel):
         """One SAHI tile through the project's model, resized like the project's sliced inference resizes it."""
@@ -70,6 +71,9 @@ def _peer_class():
         def _create_object_prediction_list_from_original_predictions(self, shift_amount_list=[[0, 0]],
                                                                      full_shape_list=None):
             inst = self._original_predictions
+            # the whole-image pass gives flat [x, y] / [h, w] lists, the tiles nested ones (SAHI's own models fix both)
+            shift_amount_list = fix_shift_amount_list(shift_amount_list)
+            full_shape_list = fix_full_shape_list(full_shape_list)
             self._object_prediction_list_per_image = [[
                 ObjectPrediction(bbox=b.tolist(), category_id=int(c), category_name=str(int(c)), score=float(s),
                                  shift_amount=shift_amount_list[0],
@@ -89,13 +93,19 @@ def _coco_eval(gt_json, results, image_ids):
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(gt_json)
         if not results:
-            return dict(AP=0.0, AP50=0.0, APs=0.0)
+            return dict(AP=0.0, AP50=0.0, APs=0.0 if ev_has_small(gt, image_ids) else float("nan"))
         ev = COCOeval(gt, gt.loadRes(results), "bbox")
         ev.params.imgIds = image_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return dict(AP=100 * ev.stats[0], AP50=100 * ev.stats[1], APs=100 * max(ev.stats[3], 0.0))
+    # COCOeval gives -1 where there is no object (of a size range): reported as nan ("n/a" in the table)
+    stat = {k: 100 * ev.stats[i] if ev.stats[i] >= 0 else float("nan") for k, i in (("AP", 0), ("AP50", 1), ("APs", 3))}
+    return stat
+
+
+def ev_has_small(gt, image_ids):
+    return any(a["area"] < 32 ** 2 for a in gt.loadAnns(gt.getAnnIds(imgIds=image_ids, iscrowd=False)))
 
 
 def main(argv=None):
@@ -128,7 +138,9 @@ def main(argv=None):
                          category_mapping={str(i): str(i) for i in range(len(meta.thing_classes))}, device="cpu")
     sahi_kw = dict(slice_height=th, slice_width=tw, overlap_height_ratio=ov, overlap_width_ratio=ov,
                    perform_standard_pred=opts["include_full"], verbose=0, auto_slice_resolution=False,
-                   postprocess_class_agnostic=False)
+                   postprocess_class_agnostic=False,
+                   # below a confidence threshold of 0.1 SAHI would switch its merge to NMS: keep the one asked for
+                   force_postprocess_type=True)
     def run_ours(img):
         inst = ours([{"image": torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))}])[0]["instances"]
         return [(b.tolist(), float(s), int(c)) for b, s, c in zip(inst.pred_boxes.tensor, inst.scores, inst.pred_classes)]
@@ -183,7 +195,8 @@ def main(argv=None):
     print("| method | AP | AP50 | APs | ms/image (median) | ratio to ours | detections/image |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['APs']:.1f} | {r['ms_per_image']:.0f} | "
+        ap, ap50, aps = ("n/a" if r[k] != r[k] else f"{r[k]:.1f}" for k in ("AP", "AP50", "APs"))
+        print(f"| {r['method']} | {ap} | {ap50} | {aps} | {r['ms_per_image']:.0f} | "
               f"{r['ratio']:.2f}x | {r['detections_per_image']:.1f} |")
     if args.output:
         with open(args.output, "w") as f:

@@ -267,6 +267,14 @@ def test_deploy_paste_masks_equals_detectron2():
             assert got.dtype == bool and got.shape == ref.shape and np.array_equal(got, ref)
             pixels += int(ref.sum())
     assert pixels > 10000
+    # boxes as clipping leaves them: the whole image, on the right / bottom edge, thinner than a pixel
+    h, w = 61, 47
+    boxes = np.array([[0, 0, w, h], [w - 0.8, 10.2, w, 10.9], [20.2, 30.2, 20.9, 30.9],  # a pixel centre inside
+                      [5, h - 2.5, 5.001, h], [0, 0, 0.4, 30], [w - 0.3, 10, w, 10.2]], np.float32)
+    masks = np.random.default_rng(1).random((len(boxes), 28, 28)).astype(np.float32) * 0.5 + 0.5
+    ref = paste_masks_in_image(torch.as_tensor(masks), torch.as_tensor(boxes), (h, w)).numpy()
+    got = deploy_postprocess.paste_masks(masks, boxes, (h, w))
+    assert np.array_equal(got, ref) and ref[0].sum() > 0.9 * h * w and ref[1].any() and ref[2].any()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -283,9 +291,15 @@ def test_export_mask_rcnn_parity(fmt, tmp_path):
     assert exported.outputs == ["boxes", "classes", "scores", "masks"]
     report = check_parity(model, exported, images)
     assert min(report["num_detections"]) > 0 and report["max_mask_diff"] <= (0.01 if fmt == "openvino" else 0.0)
-    got = exported(images[2], output_size=(150, 200))["instances"]
+    # masks pasted at another output size, as the eager model pastes them for an input's height / width
+    with torch.no_grad():
+        eager = model([{"image": images[2], "height": 150, "width": 200}])[0]["instances"]
+    got = ExportedDetector(exported)([{"image": images[2], "height": 150, "width": 200}])[0]["instances"]
     assert got.pred_masks.shape == (len(got), 150, 200) and got.pred_masks.dtype == torch.bool
-    assert 0 < int(got.pred_masks.sum())
+    diff = compare_detections(eager, got)
+    assert diff["ok"] and 0 < int(got.pred_masks.sum())
+    assert max(int((eager.pred_masks[i] ^ got.pred_masks[j]).sum()) for i, j in diff["pairs"]) <= (
+        20 if fmt == "openvino" else 0)
     # a mask moved by a few pixels is caught and named
     def shifted(image):
         out = exported(image)
@@ -424,8 +438,11 @@ def test_export_tool_sliced_checks_sliced_parity_and_predict_runs_the_export(mod
 
     for extra, message in [((tmp_path / "nothing",), "postprocess.json not found"),
                            ((out, "TEST.AUG.ENABLED", "True"), "test-time augmentation"),
-                           ((out, "INPUT.FORMAT", "RGB"), "was exported for INPUT.FORMAT BGR")]:
-        proc = predict("--output", tmp_path / "bad", "--exported", *extra[:1], *TINY_OPTS, *extra[1:])
+                           ((out, "INPUT.FORMAT", "RGB"), "INPUT.FORMAT RGB (exported with BGR)"),
+                           ((out, "INPUT.MIN_SIZE_TEST", "80"), "INPUT.MIN_SIZE_TEST 80 (exported with 64)"),
+                           ((out, "MODEL.ROI_HEADS.NMS_THRESH_TEST", "0.6"), "postprocessing nms_thresh"),
+                           ((out, "TEST.SLICE.OVERLAP", "0.5"), "TEST.SLICE overlap")]:
+        proc = predict("--output", tmp_path / "bad", "--exported", *extra[:1], *TINY_OPTS, *SLICE_OPTS, *extra[1:])
         errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR:")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and not (tmp_path / "bad" / "results.json").exists()

@@ -439,8 +439,10 @@ def test_tta_masks_equal_detectron2_tta(merge):
     from d2_defects.inference.export import compare_detections
     from d2_defects.modeling.tta import DefectTTA
 
-    aug = ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(96, 128)", "TEST.AUG.MAX_SIZE", "200",
-           "TEST.AUG.FLIP", "True", "TEST.AUG.MERGE", merge,
+    # nms: horizontal flips, as the oracle has; wbf: vertical flips, against the computation written out below
+    flip = ["TEST.AUG.FLIP", "True"] if merge == "nms" else ["TEST.AUG.FLIP", "False", "TEST.AUG.VFLIP", "True"]
+    aug = ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(96, 128)", "TEST.AUG.MAX_SIZE", "200", *flip,
+           "TEST.AUG.MERGE", merge,
            "TEST.DETECTIONS_PER_IMAGE", "1000"]  # random weights: near-equal scores, no top-k cut among them
     cfg = load_config(MASK_CONFIG, [*TINY_OPTS, *aug])
     torch.manual_seed(0)
@@ -459,7 +461,7 @@ def test_tta_masks_equal_detectron2_tta(merge):
         for i, j in diff["pairs"]:
             a, b = oracle.pred_masks[i], ours.pred_masks[j]
             assert int((a ^ b).sum()) <= max(2, 0.01 * int((a | b).sum()))
-    else:  # wbf moves the boxes: the masks are still the views' averaged probabilities for the fused boxes
+    else:  # wbf moves the boxes: the masks are the views' averaged probabilities for the fused boxes, v-flips undone
         from detectron2.data.transforms import ResizeShortestEdge
         from detectron2.structures import Boxes, Instances
 
@@ -469,19 +471,20 @@ def test_tta_masks_equal_detectron2_tta(merge):
             view = torch.as_tensor(ResizeShortestEdge(s, 200).get_transform(hwc).apply_image(hwc).copy())
             view = view.permute(2, 0, 1)
             vh, vw = view.shape[-2:]
-            for hflip in (False, True):
+            for vflip in (False, True):
                 b = ours.pred_boxes.tensor.clone() * torch.tensor([vw / 160, vh / 120, vw / 160, vh / 120])
-                if hflip:
-                    b[:, [0, 2]] = vw - b[:, [2, 0]]
-                inputs.append({"image": (view.flip(-1) if hflip else view).contiguous()})
+                if vflip:
+                    b[:, [1, 3]] = vh - b[:, [3, 1]]
+                inputs.append({"image": (view.flip(-2) if vflip else view).contiguous()})
                 given.append(Instances((vh, vw), pred_boxes=Boxes(b), pred_classes=ours.pred_classes))
         with torch.no_grad():
             outs = model.inference(inputs, given, do_postprocess=False)
-        probs = [o.pred_masks.flip(-1) if k % 2 else o.pred_masks for k, o in enumerate(outs)]
+        probs = [o.pred_masks.flip(-2) if k % 2 else o.pred_masks for k, o in enumerate(outs)]
         expected = paste_masks_in_image(torch.stack(probs).mean(0)[:, 0], ours.pred_boxes.tensor, (120, 160))
         assert torch.equal(expected, ours.pred_masks)
     # one view: the plain model's output, masks included
-    one = load_config(MASK_CONFIG, [*TINY_OPTS, *aug, "TEST.AUG.MIN_SIZES", "(96,)", "TEST.AUG.FLIP", "False"])
+    one = load_config(MASK_CONFIG, [*TINY_OPTS, *aug, "TEST.AUG.MIN_SIZES", "(96,)", "TEST.AUG.FLIP", "False",
+                                    "TEST.AUG.VFLIP", "False"])
     from detectron2.data.transforms import ResizeShortestEdge
 
     hwc = image.permute(1, 2, 0).numpy()

@@ -53,6 +53,9 @@ def run(args):
     from d2_defects.modeling.slicing import slice_options
     from d2_defects.utils.fileio import check_can_write
 
+    for name in ("atol", "score_atol", "mask_atol"):
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     cfg = load_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:
         raise UsageError("no weights: pass MODEL.WEIGHTS path/to/model_final.pth")

@@ -56,16 +56,15 @@ def _metadata(cfg, name):
 
 
 def _exported_detector(cfg, folder):
-    """The exported model of ``folder`` behind the eager model's interface; bad combinations are UsageErrors."""
-    from d2_defects.inference.export import ExportedDetector, load_exported
+    """The exported model of ``folder`` behind the eager model's interface; a config that differs from the export's
+    settings, or asks for TTA, is one error."""
+    from d2_defects.inference.export import ExportedDetector, check_matches_config, load_exported
 
     if cfg.TEST.AUG.ENABLED:
         raise UsageError("--exported runs plain or sliced inference; test-time augmentation (TEST.AUG.ENABLED) "
                          "needs the eager model")
     exported = load_exported(folder)
-    fmt = exported.info.get("input_format", cfg.INPUT.FORMAT)
-    if fmt != cfg.INPUT.FORMAT:
-        raise UsageError(f"{folder} was exported for INPUT.FORMAT {fmt}, the config has {cfg.INPUT.FORMAT}")
+    check_matches_config(cfg, exported, folder)
     return ExportedDetector(exported)
 
 

@@ -42,7 +42,7 @@ from ..utils.errors import DefectsError
 __all__ = [
     "FORMATS", "MODEL_FILES", "ExportError", "export_model", "load_exported", "ExportedModel",
     "compare_detections", "check_parity", "deferred_postprocess", "load_samples", "output_files", "check_exportable",
-    "ExportedDetector", "sliced_exported", "check_sliced_parity",
+    "ExportedDetector", "sliced_exported", "check_sliced_parity", "check_matches_config",
 ]
 
 FORMATS = ("torchscript", "onnx", "openvino")
@@ -256,7 +256,7 @@ def _has_deform_conv(model):
 
 def _export_onnx(flat, image, path, names):
     dynamic = {"image": {1: "height", 2: "width"}}
-    dynamic.update({n: {0: "num_candidates"} for n in names[:3]})
+    dynamic.update({n: {0: "num_candidates"} for n in names if n in ("boxes", "classes", "scores", "masks")})
     dcn = _has_deform_conv(flat)
     try:
         with warnings.catch_warnings(), (_deform_conv_onnx_export() if dcn else contextlib.nullcontext()):
@@ -448,6 +448,40 @@ class ExportedDetector:
             h, w = (int(v) for v in x["image"].shape[-2:])
             outs.append(self.exported(x["image"], output_size=(int(x.get("height", h)), int(x.get("width", w)))))
         return outs
+
+
+def check_matches_config(cfg, exported, folder):
+    """
+    Raise :class:`ExportError` listing every setting in which ``cfg`` differs from what ``exported`` was exported
+    with (``postprocess.json``): ``INPUT.FORMAT``, the test size, the postprocessing thresholds (the graph applies the
+    exported score thresholds, a merge would apply the config's) and, with ``TEST.SLICE.ENABLED``, the recorded slice
+    settings when there are some. Running an export with another config silently changes the results otherwise.
+    """
+    from ..modeling.postprocess import PostprocessParams
+    from ..modeling.slicing import slice_options
+
+    info = exported.info
+    wrong = []
+    for key, name, value in [("INPUT.FORMAT", "input_format", cfg.INPUT.FORMAT),
+                             ("INPUT.MIN_SIZE_TEST", "min_size_test", cfg.INPUT.MIN_SIZE_TEST),
+                             ("INPUT.MAX_SIZE_TEST", "max_size_test", cfg.INPUT.MAX_SIZE_TEST)]:
+        if name in info and info[name] != value:
+            wrong.append(f"{key} {value} (exported with {info[name]})")
+    if info.get("postprocess") is not None:
+        params = dataclasses.asdict(PostprocessParams.from_config(cfg, num_classes=info.get("num_classes")))
+        params.pop("defer_nms")
+        diff = sorted(k for k, v in params.items() if info["postprocess"].get(k) != v)
+        if diff:
+            wrong.append(f"postprocessing {', '.join(diff)} (MODEL.ROI_HEADS.* / MODEL.SOFT_NMS.* / "
+                         "TEST.DETECTIONS_PER_IMAGE)")
+    if cfg.TEST.SLICE.ENABLED and info.get("slice"):
+        mine = json.loads(json.dumps(slice_options(cfg)))  # tuples as lists, as in the json
+        diff = sorted(k for k, v in mine.items() if info["slice"].get(k) != v and k != "batch")
+        if diff:
+            wrong.append(f"TEST.SLICE {', '.join(diff)}")
+    if wrong:
+        raise ExportError(f"{folder} was exported with other settings than this config: {'; '.join(wrong)}; use the "
+                          "config it was exported with (postprocess.json names it)")
 
 
 def sliced_exported(cfg, exported):

@@ -16,6 +16,8 @@ mask head runs on them there (``inference(..., detected_instances=...)``), the p
 views are flipped back and averaged, then pasted into the image at threshold 0.5 -- what Detectron2's
 ``GeneralizedRCNNWithTTA`` does for masks (tested against it). DefectSOLO's masks are not merged (a config error).
 """
+import contextlib
+
 import torch
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.layers.mask_ops import paste_masks_in_image
@@ -91,6 +93,10 @@ class DefectTTA(nn.Module):
         if self.with_masks and not (isinstance(model, GeneralizedRCNN) and getattr(model.roi_heads, "mask_on", False)):
             raise ConfigError(f"TEST.AUG.ENABLED with MODEL.MASK_ON: masks are merged for Mask R-CNN heads only, not "
                               f"for {type(model).__name__}")
+        if self.with_masks and getattr(model, "skip_normal_threshold", 0) > 0:
+            raise ConfigError("TEST.AUG.ENABLED with MODEL.MASK_ON: a view whose heads are skipped "
+                              f"(MODEL.DEFECT_RCNN.SKIP_NORMAL_THRESHOLD={model.skip_normal_threshold}) has no masks to "
+                              "average; set it to 0 for TTA")
 
     def augmentations(self):
         """list of (min_size, hflip, vflip) in the order they are run."""
@@ -161,7 +167,8 @@ class DefectTTA(nn.Module):
         if self.with_masks and len(self.augmentations()) == 1:  # one view: the model's own output, masks included
             (img, _, _), = self._augmented_images(image)
             return self.model([{"image": img, "height": h, "width": w}])[0]
-        boxes, scores, classes, extras = self.view_detections(image, h, w)
+        with _masks_off(self.model if self.with_masks else None):  # masks are made once, for the merged boxes
+            boxes, scores, classes, extras = self.view_detections(image, h, w)
         if len(boxes) == 1:
             # one view: the model's own detections (re-running NMS on clipped boxes could drop some)
             b, s, c = boxes[0], scores[0], classes[0]
@@ -204,6 +211,19 @@ class DefectTTA(nn.Module):
                     m = m.flip(-2)
                 probs.append(m)
         return paste_masks_in_image(torch.stack(probs).mean(0)[:, 0], boxes, (h, w), threshold=0.5)
+
+
+@contextlib.contextmanager
+def _masks_off(model):
+    """Within the block, ``model``'s ROI heads skip the mask head (nothing happens for None)."""
+    if model is None:
+        yield
+        return
+    model.roi_heads.mask_on = False
+    try:
+        yield
+    finally:
+        model.roi_heads.mask_on = True
 
 
 def detections_to_instances(image_size, boxes, scores, classes):

@@ -74,6 +74,13 @@ def _add_soft_nms_config(cfg):
     cfg.MODEL.SOFT_NMS.SCORE_THRESHOLD = 0.001
     # Per-class score thresholds applied before (soft-)NMS: K floats, or empty = SCORE_THRESH_TEST for all.
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS = []
+    # Fragment decay, after (soft-)NMS and the top-k cut: a detection with at least OVERLAP (fraction of its own
+    # box area, in (0, 1]) inside a larger, higher-scoring detection of its class gets its score multiplied by
+    # FACTOR (in [0, 1); 0 drops it). Parts of a long thin defect detected next to the whole one.
+    cfg.MODEL.FRAGMENT_DECAY = CN()
+    cfg.MODEL.FRAGMENT_DECAY.ENABLED = False
+    cfg.MODEL.FRAGMENT_DECAY.OVERLAP = 0.6
+    cfg.MODEL.FRAGMENT_DECAY.FACTOR = 0.5
 
 
 def _add_roi_heads_config(cfg):

@@ -58,7 +58,8 @@ def _candidates(seed, n=400, num_classes=4, size=(120, 160)):
     return boxes, scores, g.integers(0, num_classes, n)
 
 
-@pytest.mark.parametrize("setting", ["nms", "nms_per_class", "linear", "gaussian", "hard", "topk_all"])
+@pytest.mark.parametrize("setting", ["nms", "nms_per_class", "linear", "gaussian", "hard", "topk_all",
+                                     "fragments", "fragments_drop"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_deploy_postprocess_equals_select_detections(setting, seed):
     """postprocess.py (numpy) == select_detections + Detectron2's clip / empty-box filter, incl. order."""
@@ -71,7 +72,16 @@ def test_deploy_postprocess_equals_select_detections(setting, seed):
         params.score_thresh_per_class = [0.1, 0.5, 0.3, 0.8]
     if setting == "topk_all":
         params.topk_per_image = -1
+    if setting.startswith("fragments"):
+        params.fragment_decay, params.fragment_factor = True, 0.5 if setting == "fragments" else 0.0
+        params.soft_nms, params.soft_nms_method = True, "gaussian"
     keep, final = select_detections(torch.as_tensor(boxes), torch.as_tensor(scores), torch.as_tensor(classes), params)
+    if setting.startswith("fragments"):  # the decay acted: some kept detections lost score or were dropped
+        params.fragment_decay = False
+        keep_plain, final_plain = select_detections(torch.as_tensor(boxes), torch.as_tensor(scores),
+                                                    torch.as_tensor(classes), params)
+        params.fragment_decay = True
+        assert len(keep) < len(keep_plain) if setting == "fragments_drop" else not torch.equal(keep, keep_plain)
     expected = Boxes(torch.as_tensor(boxes)[keep])
     expected.clip((120, 160))
     nonempty = expected.nonempty()
@@ -441,6 +451,7 @@ def test_export_tool_sliced_checks_sliced_parity_and_predict_runs_the_export(mod
                            ((out, "INPUT.FORMAT", "RGB"), "INPUT.FORMAT RGB (exported with BGR)"),
                            ((out, "INPUT.MIN_SIZE_TEST", "80"), "INPUT.MIN_SIZE_TEST 80 (exported with 64)"),
                            ((out, "MODEL.ROI_HEADS.NMS_THRESH_TEST", "0.6"), "postprocessing nms_thresh"),
+                           ((out, "MODEL.FRAGMENT_DECAY.ENABLED", "True"), "postprocessing fragment_decay"),
                            ((out, "TEST.SLICE.OVERLAP", "0.5"), "TEST.SLICE overlap")]:
         proc = predict("--output", tmp_path / "bad", "--exported", *extra[:1], *TINY_OPTS, *SLICE_OPTS, *extra[1:])
         errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR:")]

@@ -14,7 +14,9 @@ soft-NMS and the top-k cut run here, with numpy only, so that a line PC needs no
 Steps (the same as ``d2_defects.modeling.postprocess.select_detections``): drop candidates below
 ``score_thresh_per_class[class]`` (or ``score_thresh``); per class, hard NMS at ``nms_thresh`` or, with
 ``soft_nms``, soft-NMS (``soft_nms_method`` "linear" / "gaussian" / "hard"); sort by score (equal scores:
-lower candidate index first); keep the first ``topk_per_image`` (< 0: all). IoU is computed in float64 without
+lower candidate index first); keep the first ``topk_per_image`` (< 0: all); with ``fragment_decay``, multiply by
+``fragment_factor`` the score of each kept detection with at least ``fragment_overlap`` of its area inside a larger,
+higher-scoring one of its class (0: drop it) and sort again. IoU is computed in float64 without
 the "+1" convention, like ``torchvision.ops.box_iou``. Raising a threshold in ``postprocess.json`` needs no
 re-export; lowering it below the exported value has no effect (those candidates are not in the graph's output).
 Last, as Detectron2's ``detector_postprocess``: boxes scaled to the output size, clipped, empty ones dropped.
@@ -26,7 +28,7 @@ import math
 
 import numpy as np
 
-__all__ = ["postprocess", "nms", "soft_nms", "paste_masks"]
+__all__ = ["postprocess", "nms", "soft_nms", "fragment_decay", "paste_masks"]
 
 _SOFT_NMS_METHODS = ("linear", "gaussian", "hard")
 
@@ -125,6 +127,39 @@ def soft_nms(boxes, scores, classes, method="linear", sigma=0.5, iou_thresh=0.5,
     return keep[order], final[order]
 
 
+def fragment_decay(boxes, scores, classes, overlap=0.6, factor=0.5):
+    """
+    Decay the scores of fragments: detections with at least ``overlap`` of their own area inside a larger,
+    higher-scoring detection of their class (all judged on the input scores).
+
+    Args:
+        boxes (ndarray): (N, 4) XYXY. scores (ndarray): (N,). classes (ndarray): (N,) integer ids.
+        overlap (float): in (0, 1]. factor (float): in [0, 1); 0 drops the fragments.
+    Returns:
+        keep (ndarray): (M,) int64 indices, by new score (descending; equal scores: lower index first).
+        new_scores (ndarray): (M,) their scores after the decay, in the dtype of ``scores``.
+    """
+    b = np.asarray(boxes, dtype=np.float64)
+    scores = np.asarray(scores)
+    classes = np.asarray(classes)
+    area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    fragment = np.zeros(len(b), dtype=bool)
+    for i in range(len(b)):
+        if area[i] <= 0:
+            continue
+        w = np.minimum(b[:, 2], b[i, 2]) - np.maximum(b[:, 0], b[i, 0])
+        h = np.minimum(b[:, 3], b[i, 3]) - np.maximum(b[:, 1], b[i, 1])
+        inter = np.clip(w, 0, None) * np.clip(h, 0, None)
+        fragment[i] = np.any((classes == classes[i]) & (area > area[i]) & (scores > scores[i])
+                             & (inter >= overlap * area[i]))
+    new_scores = np.where(fragment, scores * scores.dtype.type(factor), scores).astype(scores.dtype)
+    keep = np.arange(len(b), dtype=np.int64)
+    if factor == 0:
+        keep = keep[~fragment]
+    keep = keep[np.lexsort((keep, -new_scores[keep]))]
+    return keep, new_scores[keep]
+
+
 def postprocess(boxes, scores, classes, params, input_size, output_size=None, return_index=False):
     """
     Final detections of one image from the exported graph's candidates.
@@ -162,6 +197,10 @@ def postprocess(boxes, scores, classes, params, input_size, output_size=None, re
         k = int(params.get("topk_per_image", -1))
         if k >= 0:
             keep, new_scores = keep[:k], new_scores[:k]
+        if params.get("fragment_decay"):
+            order, new_scores = fragment_decay(boxes[keep], new_scores, classes[keep], params["fragment_overlap"],
+                                               params["fragment_factor"])
+            keep = keep[order]
         boxes, scores, classes, index = boxes[keep], new_scores, classes[keep], index[keep]
     out_h, out_w = output_size or input_size
     boxes = boxes.copy()

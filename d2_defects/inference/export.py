@@ -470,10 +470,11 @@ def check_matches_config(cfg, exported, folder):
     if info.get("postprocess") is not None:
         params = dataclasses.asdict(PostprocessParams.from_config(cfg, num_classes=info.get("num_classes")))
         params.pop("defer_nms")
-        diff = sorted(k for k, v in params.items() if info["postprocess"].get(k) != v)
+        default = dataclasses.asdict(PostprocessParams())  # keys added since an export was made: their default
+        diff = sorted(k for k, v in params.items() if info["postprocess"].get(k, default.get(k)) != v)
         if diff:
             wrong.append(f"postprocessing {', '.join(diff)} (MODEL.ROI_HEADS.* / MODEL.SOFT_NMS.* / "
-                         "TEST.DETECTIONS_PER_IMAGE)")
+                         "MODEL.FRAGMENT_DECAY.* / TEST.DETECTIONS_PER_IMAGE)")
     if cfg.TEST.SLICE.ENABLED and info.get("slice"):
         mine = json.loads(json.dumps(slice_options(cfg)))  # tuples as lists, as in the json
         diff = sorted(k for k, v in mine.items() if info["slice"].get(k) != v and k != "batch")

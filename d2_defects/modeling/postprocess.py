@@ -3,7 +3,8 @@
 ``detection_inference`` is a drop-in for Detectron2's ``fast_rcnn_inference`` that takes its options from
 :class:`PostprocessParams` (built from the config), so that every head postprocesses the same way:
 per-class score thresholds (``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS``), then hard NMS or soft-NMS
-(``MODEL.SOFT_NMS.*``) per class, then the top ``TEST.DETECTIONS_PER_IMAGE``.
+(``MODEL.SOFT_NMS.*``) per class, then the top ``TEST.DETECTIONS_PER_IMAGE``, then (``MODEL.FRAGMENT_DECAY.*``)
+the scores of fragments, detections lying inside a larger and higher-scoring one of their class, decayed.
 """
 import math
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 
+from ..layers.fragments import fragment_decay
 from ..layers.soft_nms import SOFT_NMS_METHODS, batched_soft_nms
 from ..utils.errors import ConfigError
 
@@ -33,6 +35,9 @@ class PostprocessParams:
     soft_nms_sigma: float = 0.5  # gaussian parameter
     soft_nms_iou_thresh: float = 0.5  # IoU above which "linear" decays / "hard" suppresses
     soft_nms_score_thresh: float = 0.001  # decayed scores below are dropped
+    fragment_decay: bool = False  # decay fragments after the top-k cut (d2_defects.layers.fragments)
+    fragment_overlap: float = 0.6  # a fragment has this fraction of its area inside the larger detection
+    fragment_factor: float = 0.5  # fragments' scores are multiplied by it (0: dropped)
     # export only: return every candidate above the score thresholds; NMS / soft-NMS and top-k then run after
     # the exported graph (d2_defects/inference/deploy_postprocess.py)
     defer_nms: bool = False
@@ -65,6 +70,11 @@ class PostprocessParams:
             raise ConfigError(f"MODEL.SOFT_NMS.IOU_THRESHOLD must be in [0, 1], got {sn.IOU_THRESHOLD}")
         if not (math.isfinite(sn.SCORE_THRESHOLD) and sn.SCORE_THRESHOLD >= 0):
             raise ConfigError(f"MODEL.SOFT_NMS.SCORE_THRESHOLD must be >= 0, got {sn.SCORE_THRESHOLD}")
+        fd = cfg.MODEL.FRAGMENT_DECAY
+        if not (math.isfinite(fd.OVERLAP) and 0.0 < fd.OVERLAP <= 1.0):
+            raise ConfigError(f"MODEL.FRAGMENT_DECAY.OVERLAP must be in (0, 1], got {fd.OVERLAP}")
+        if not (math.isfinite(fd.FACTOR) and 0.0 <= fd.FACTOR < 1.0):
+            raise ConfigError(f"MODEL.FRAGMENT_DECAY.FACTOR must be in [0, 1), got {fd.FACTOR}")
         return cls(
             score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
             nms_thresh=cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
@@ -75,6 +85,9 @@ class PostprocessParams:
             soft_nms_sigma=float(sn.SIGMA),
             soft_nms_iou_thresh=float(sn.IOU_THRESHOLD),
             soft_nms_score_thresh=float(sn.SCORE_THRESHOLD),
+            fragment_decay=bool(fd.ENABLED),
+            fragment_overlap=float(fd.OVERLAP),
+            fragment_factor=float(fd.FACTOR),
         )
 
 
@@ -125,7 +138,7 @@ def _detection_inference_single_image(boxes, scores, image_shape, params):
 def select_detections(boxes, scores, classes, params: PostprocessParams):
     """
     Postprocess the candidate detections of ONE image (used by one-stage heads and test-time merges):
-    score threshold (per class if given), NMS or soft-NMS per class, top-k.
+    score threshold (per class if given), NMS or soft-NMS per class, top-k, fragment decay (if enabled).
 
     Args:
         boxes (Tensor): (N, 4) XYXY absolute.
@@ -154,6 +167,10 @@ def select_detections(boxes, scores, classes, params: PostprocessParams):
         final_scores = scores[keep]
     if params.topk_per_image >= 0:
         keep, final_scores = keep[: params.topk_per_image], final_scores[: params.topk_per_image]
+    if params.fragment_decay:
+        order, final_scores = fragment_decay(boxes[keep], final_scores, classes[keep],
+                                             params.fragment_overlap, params.fragment_factor)
+        keep = keep[order]
     return cand[keep], final_scores
 
 
@@ -174,6 +191,8 @@ def check_postprocess_keys_used(cfg, model):
         keys.append("MODEL.SOFT_NMS.ENABLED")
     if len(cfg.MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS):
         keys.append("MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS")
+    if cfg.MODEL.FRAGMENT_DECAY.ENABLED:
+        keys.append("MODEL.FRAGMENT_DECAY.ENABLED")
     if keys and not uses_project_postprocess(model):
         raise ConfigError(
             f"config error: {' and '.join(keys)} would be ignored: the model ({cfg.MODEL.META_ARCHITECTURE}, "

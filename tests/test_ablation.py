@@ -518,3 +518,35 @@ def test_failure_reasons(tmp_path):
         ("failed", "killed by SIGSEGV after iter 39")
     assert ablation._failure_reason("Traceback...\nRuntimeError: boom\n", str(tmp_path)) == \
         ("failed", "RuntimeError: boom")
+
+
+def test_eval_only_runs_never_hold_a_worker_while_training_runs_wait(monkeypatch):
+    """With --jobs 2 and, per seed, a training run and an eval-only run of it, both workers train: the eval-only
+    runs are queued after every training run, so none of them blocks a worker while training runs wait."""
+    import threading
+    from types import SimpleNamespace
+
+    active, peak, lock = [0], [0], threading.Lock()
+    order = []
+
+    def fake_execute(spec):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0]) if not spec.eval_only else peak[0]
+            order.append((spec.variant, spec.seed))
+        time.sleep(0.3 if not spec.eval_only else 0.05)
+        with lock:
+            active[0] -= 1
+        return {"variant": spec.variant, "seed": spec.seed, "status": "ok"}
+
+    monkeypatch.setattr(ablation, "execute_run", fake_execute)
+    todo = []
+    for seed in (0, 1, 2):  # the plan's order: each seed's training run, then its eval-only run
+        todo.append(SimpleNamespace(variant="train", seed=seed, eval_only=False, source_dir=None))
+        todo.append(SimpleNamespace(variant="evalrow", seed=seed, eval_only=True,
+                                    source_dir=os.path.join("out", "train", f"seed{seed}")))
+    done = []
+    ablation._run_local(todo, 2, 2, 0, done.append)
+    assert len(done) == 6 and peak[0] == 2  # two training runs at once
+    for seed in (0, 1, 2):  # an eval-only run still starts only after its own training run
+        assert order.index(("evalrow", seed)) > order.index(("train", seed))

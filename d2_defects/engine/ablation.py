@@ -656,8 +656,11 @@ def _run_local(todo, jobs, threads, gpus_per_run, finished):
             if not spec.eval_only:
                 training[(spec.variant, spec.seed)].set()
 
+    # every training run is queued before any eval-only run: an eval-only run waits for its training run in
+    # a worker, so queued behind it training runs of later seeds would otherwise idle the other workers
+    ordered = sorted(todo, key=lambda spec: spec.eval_only)  # stable: the plan's order otherwise
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        pending = {pool.submit(work, s) for s in todo}  # training runs first: waiting never deadlocks
+        pending = [pool.submit(work, s) for s in ordered]  # training runs first: waiting never deadlocks
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:

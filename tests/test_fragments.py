@@ -132,3 +132,89 @@ def test_exports_made_before_fragment_decay_still_match_a_config_without_it():
     check_matches_config(_cfg(), exported, "export/")
     with pytest.raises(ExportError, match="postprocessing fragment_decay"):
         check_matches_config(_cfg("MODEL.FRAGMENT_DECAY.ENABLED", True), exported, "export/")
+
+
+class _FragmentsDetector(torch.nn.Module):
+    """A detector that finds, in every image it is given, one long box and a fragment inside it (class 0), and
+    postprocesses them with its own params as the project's heads do; records the fragment setting of each call."""
+
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.params = PostprocessParams(fragment_decay=True)
+        self.seen = []
+
+    def forward(self, batched_inputs):
+        from detectron2.structures import Boxes, Instances
+
+        outs = []
+        for x in batched_inputs:
+            h, w = int(x["height"]), int(x["width"])
+            boxes = torch.tensor([[0.05 * w, 0.4 * h, 0.95 * w, 0.5 * h], [0.2 * w, 0.4 * h, 0.4 * w, 0.5 * h]])
+            keep, s = select_detections(boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 0]), self.params)
+            self.seen.append(self.params.fragment_decay)
+            outs.append({"instances": Instances((h, w), pred_boxes=Boxes(boxes[keep]), scores=s,
+                                                pred_classes=torch.zeros(len(keep), dtype=torch.long))})
+        return outs
+
+
+def _merge_cfg(*opts):
+    return _cfg("MODEL.FRAGMENT_DECAY.ENABLED", True, "MODEL.ROI_HEADS.NUM_CLASSES", 2, *opts)
+
+
+def test_tta_and_sliced_inference_decay_fragments_once_in_the_merge():
+    from d2_defects.modeling.slicing import SlicedDetector
+    from d2_defects.modeling.tta import DefectTTA
+
+    image = torch.zeros(3, 96, 128, dtype=torch.uint8)
+    inp = {"image": image, "height": 96, "width": 128}
+    # two views (h-flip): the views run without the decay, the merge decays each fragment once (0.8 -> 0.4)
+    model = _FragmentsDetector()
+    tta = DefectTTA(_merge_cfg("TEST.AUG.MIN_SIZES", "(96,)", "TEST.AUG.MAX_SIZE", 160, "TEST.AUG.FLIP", True),
+                    model).eval()
+    scores = sorted(tta([inp])[0]["instances"].scores.tolist())
+    assert model.seen == [False, False] and model.params.fragment_decay  # switched off for the views only
+    assert scores == pytest.approx([0.4, 0.4, 0.9])  # the whole box (both views' copies merged) and 2 fragments
+    # one view: the model's own detections, decayed by the model
+    model = _FragmentsDetector()
+    tta = DefectTTA(_merge_cfg("TEST.AUG.MIN_SIZES", "(96,)", "TEST.AUG.MAX_SIZE", 160, "TEST.AUG.FLIP", False),
+                    model).eval()
+    assert sorted(tta([inp])[0]["instances"].scores.tolist()) == pytest.approx([0.4, 0.9]) and model.seen == [True]
+    # tiles: the same, over 4 tiles; nothing is decayed twice (0.2), the fragments of tiles are decayed once
+    model = _FragmentsDetector()
+    sliced = SlicedDetector(_merge_cfg("TEST.SLICE.ENABLED", True, "TEST.SLICE.SIZE", "(64, 64)",
+                                       "TEST.SLICE.OVERLAP", 0.2, "TEST.SLICE.INCLUDE_FULL", False), model).eval()
+    scores = sliced([inp])[0]["instances"].scores.tolist()
+    assert len(model.seen) >= 4 and not any(model.seen)
+    assert 0.4 in [round(s, 6) for s in scores] and all(round(s, 6) in (0.4, 0.8, 0.9) for s in scores)
+
+
+def test_wbf_merge_decays_fragments_and_keeps_every_box_for_top_k_all():
+    from d2_defects.modeling.merge import merge_detections
+
+    boxes = [torch.tensor([[5.0, 40, 95, 50], [20, 40, 40, 50], [60, 10, 70, 20]])]
+    scores, classes = [torch.tensor([0.9, 0.8, 0.7])], [torch.tensor([0, 0, 1])]
+    params = PostprocessParams(topk_per_image=-1, fragment_decay=True)
+    b, s, c = merge_detections(boxes, scores, classes, (100, 100), "wbf", params)
+    assert len(b) == 3 and s.tolist() == pytest.approx([0.9, 0.7, 0.4])  # no box lost to the -1 slice
+    params.fragment_decay = False
+    assert merge_detections(boxes, scores, classes, (100, 100), "wbf", params)[1].tolist() == pytest.approx(
+        [0.9, 0.8, 0.7])
+
+
+def test_exported_detector_replaces_its_postprocess_settings_within_the_block():
+    from types import SimpleNamespace
+
+    from d2_defects.inference.export import ExportedDetector
+    from d2_defects.modeling.postprocess import replaced_postprocess
+
+    settings = {"fragment_decay": True, "nms_thresh": 0.5}
+    det = ExportedDetector(SimpleNamespace(info={"postprocess": settings, "num_classes": 2}))
+    with replaced_postprocess(det, fragment_decay=False) as original:
+        assert det.exported.info["postprocess"] == {"fragment_decay": False, "nms_thresh": 0.5}
+        assert original == [settings]
+    assert det.exported.info["postprocess"] is settings
+    stock = ExportedDetector(SimpleNamespace(info={"postprocess": None}))  # its NMS is inside the graph
+    with replaced_postprocess(stock, fragment_decay=False) as original:
+        assert original == [] and stock.exported.info["postprocess"] is None

@@ -36,7 +36,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
-from ..modeling.postprocess import PostprocessParams
+from ..modeling.postprocess import PostprocessParams, replaced_postprocess
 from ..utils.errors import DefectsError
 
 __all__ = [
@@ -84,25 +84,13 @@ def output_files(output_dir, fmt):
     return [os.path.join(output_dir, f) for f in files]
 
 
-@contextlib.contextmanager
 def deferred_postprocess(model):
     """
     Within the block, the project's postprocessing in ``model`` (every :class:`PostprocessParams` held by its
     modules: box predictors, DefectFCOS) returns all candidates above the score thresholds, without NMS and
     top-k. Yields the original params (one per holder; empty for a model with Detectron2's stock heads).
     """
-    swapped = []
-    for m in model.modules():
-        for k, v in list(vars(m).items()):
-            if isinstance(v, PostprocessParams):
-                swapped.append((m, k, v))
-    try:
-        for m, k, v in swapped:
-            setattr(m, k, dataclasses.replace(v, defer_nms=True))
-        yield [v for _, _, v in swapped]
-    finally:
-        for m, k, v in swapped:
-            setattr(m, k, v)
+    return replaced_postprocess(model, defer_nms=True)
 
 
 class _FlatDetector(nn.Module):
@@ -441,6 +429,21 @@ class ExportedDetector:
 
     def eval(self):
         return self
+
+    @contextlib.contextmanager
+    def replaced_postprocess(self, **changes):
+        """Within the block, ``postprocess.py`` runs with ``changes`` to the exported settings (e.g.
+        ``fragment_decay=False`` for the tiles of sliced inference); see
+        :func:`d2_defects.modeling.postprocess.replaced_postprocess`."""
+        info = self.exported.info
+        original = info.get("postprocess")
+        if original is not None:
+            info["postprocess"] = dict(original, **changes)
+        try:
+            yield [] if original is None else [original]
+        finally:
+            if original is not None:
+                info["postprocess"] = original
 
     def __call__(self, batched_inputs):
         outs = []

@@ -6,6 +6,8 @@
   (:func:`d2_defects.modeling.postprocess.select_detections`: score threshold, per-class NMS, top-k);
 - ``"soft_nms"``: the same with the postprocessor's soft-NMS switched on;
 - ``"wbf"``: weighted boxes fusion (``ensemble_boxes.weighted_boxes_fusion``), then top-k.
+
+Fragment decay (``params.fragment_decay``) runs last in every method, on the merged detections.
 """
 import dataclasses
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from .postprocess import PostprocessParams, select_detections
+from ..layers.fragments import fragment_decay
 from ..utils.errors import UsageError
 
 __all__ = ["MERGE_METHODS", "merge_detections", "with_soft_nms"]
@@ -75,7 +78,11 @@ def merge_detections(boxes, scores, classes, image_size, method, params: Postpro
             return boxes[0].new_zeros((0, 4)), scores[0].new_zeros(0), classes[0].new_zeros(0)
         b, s, c = _wbf(boxes, scores, classes, image_size, weights, wbf_iou_thresh, params.score_thresh)
         k = params.topk_per_image
-        return b[:k], s[:k], c[:k]
+        b, s, c = (b, s, c) if k < 0 else (b[:k], s[:k], c[:k])
+        if params.fragment_decay:  # as select_detections does after its top-k
+            keep, s = fragment_decay(b, s, c, params.fragment_overlap, params.fragment_factor)
+            b, c = b[keep], c[keep]
+        return b, s, c
 
     mean_w = sum(weights) / n
     all_boxes = torch.cat(list(boxes))

@@ -6,6 +6,8 @@ per-class score thresholds (``MODEL.ROI_HEADS.SCORE_THRESH_PER_CLASS``), then ha
 (``MODEL.SOFT_NMS.*``) per class, then the top ``TEST.DETECTIONS_PER_IMAGE``, then (``MODEL.FRAGMENT_DECAY.*``)
 the scores of fragments, detections lying inside a larger and higher-scoring one of their class, decayed.
 """
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -20,7 +22,7 @@ from ..utils.errors import ConfigError
 
 __all__ = [
     "PostprocessParams", "detection_inference", "select_detections", "uses_project_postprocess",
-    "check_postprocess_keys_used",
+    "check_postprocess_keys_used", "replaced_postprocess", "views_postprocess",
 ]
 
 
@@ -172,6 +174,44 @@ def select_detections(boxes, scores, classes, params: PostprocessParams):
                                              params.fragment_overlap, params.fragment_factor)
         keep = keep[order]
     return cand[keep], final_scores
+
+
+@contextlib.contextmanager
+def replaced_postprocess(model, **changes):
+    """
+    Within the block, every :class:`PostprocessParams` held by the modules of ``model`` (box predictors,
+    DefectFCOS) has the fields ``changes`` (``dataclasses.replace``). A model that is not an ``nn.Module`` but
+    has a ``replaced_postprocess(**changes)`` context manager of its own (an exported model behind
+    ``d2_defects.inference.export.ExportedDetector``) uses it. Yields the original params (one per holder).
+    """
+    if not isinstance(model, torch.nn.Module):
+        own = getattr(model, "replaced_postprocess", None)
+        if own is None:
+            yield []
+        else:
+            with own(**changes) as original:
+                yield original
+        return
+    swapped = [(m, k, v) for m in model.modules() for k, v in list(vars(m).items())
+               if isinstance(v, PostprocessParams)]
+    try:
+        for m, k, v in swapped:
+            setattr(m, k, dataclasses.replace(v, **changes))
+        yield [v for _, _, v in swapped]
+    finally:
+        for m, k, v in swapped:
+            setattr(m, k, v)
+
+
+def views_postprocess(model, params: PostprocessParams, num_views: int):
+    """
+    Context for running ``model`` on the ``num_views`` views (test-time augmentations, tiles) of one image whose
+    detections are then merged with ``params``: fragment decay acts once, on the merged detections, so it is
+    switched off in the views' own postprocessing when there are several views.
+    """
+    if params.fragment_decay and num_views > 1:
+        return replaced_postprocess(model, fragment_decay=False)
+    return contextlib.nullcontext()
 
 
 def uses_project_postprocess(model):

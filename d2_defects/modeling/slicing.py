@@ -22,7 +22,7 @@ from detectron2.data.transforms import ResizeShortestEdge
 from torch import nn
 
 from .merge import MERGE_METHODS, merge_detections
-from .postprocess import PostprocessParams
+from .postprocess import PostprocessParams, views_postprocess
 from .tta import DefectTTA, detections_to_instances, mean_scalars, model_num_classes
 from ..utils.errors import ConfigError
 from ..utils.modules import unwrap_model
@@ -97,13 +97,8 @@ class SlicedDetector(nn.Module):
         out = self.resize.get_transform(hwc).apply_image(hwc)
         return torch.as_tensor(out.copy()).permute(2, 0, 1).contiguous()
 
-    @torch.no_grad()
-    def _inference_one(self, inp):
-        image = inp["image"]
+    def _views_detections(self, image, views, sx, sy):
         ih, iw = image.shape[-2:]
-        h, w = int(inp.get("height", ih)), int(inp.get("width", iw))
-        sx, sy = w / iw, h / ih  # the input image may differ from the size the boxes are reported in
-        views = self.views(ih, iw)
         boxes, scores, classes, extras, is_full = [], [], [], [], []
         for i in range(0, len(views), 1 if self.tta is not None else self.options["batch"]):
             chunk = views[i:i + (1 if self.tta is not None else self.options["batch"])]
@@ -126,6 +121,18 @@ class SlicedDetector(nn.Module):
                 classes.append(c)
                 extras.append(e)
                 is_full.append((x0, y0, x1, y1) == (0, 0, iw, ih))
+        return boxes, scores, classes, extras, is_full
+
+    @torch.no_grad()
+    def _inference_one(self, inp):
+        image = inp["image"]
+        ih, iw = image.shape[-2:]
+        h, w = int(inp.get("height", ih)), int(inp.get("width", iw))
+        sx, sy = w / iw, h / ih  # the input image may differ from the size the boxes are reported in
+        views = self.views(ih, iw)
+        n_views = len(views) * (len(self.tta.augmentations()) if self.tta is not None else 1)
+        with views_postprocess(self.model, self.params, n_views):  # fragments: decayed once, in the merge
+            boxes, scores, classes, extras, is_full = self._views_detections(image, views, sx, sy)
         if len(boxes) == 1:  # one tile covering the image: the model's own detections, unchanged
             b, s, c = boxes[0], scores[0], classes[0]
         else:

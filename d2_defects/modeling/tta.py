@@ -25,7 +25,7 @@ from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
-from .postprocess import PostprocessParams
+from .postprocess import PostprocessParams, views_postprocess
 from ..utils.errors import ConfigError
 from ..utils.modules import unwrap_model
 
@@ -167,7 +167,9 @@ class DefectTTA(nn.Module):
         if self.with_masks and len(self.augmentations()) == 1:  # one view: the model's own output, masks included
             (img, _, _), = self._augmented_images(image)
             return self.model([{"image": img, "height": h, "width": w}])[0]
-        with _masks_off(self.model if self.with_masks else None):  # masks are made once, for the merged boxes
+        with _masks_off(self.model if self.with_masks else None), \
+                views_postprocess(self.model, self.params, len(self.augmentations())):
+            # masks are made once, for the merged boxes; fragments are decayed once, in the merge
             boxes, scores, classes, extras = self.view_detections(image, h, w)
         if len(boxes) == 1:
             # one view: the model's own detections (re-running NMS on clipped boxes could drop some)

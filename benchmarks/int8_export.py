@@ -6,9 +6,10 @@
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/int8_export.py --config-file CFG --export export/ \
         --calibration 'datasets/synthetic_defects/train/*.png' --threads 1
 
-The FP32 graph of --export is quantized by ONNX Runtime's static quantizer (QDQ format, INT8 weights per output
-channel, UINT8 activations, MinMax calibration on --num-calibration images of --calibration; --ops says which
-operators: convolutions, and the box heads' fully connected layers with Gemm). Both graphs run in ONNX Runtime
+The FP32 graph of --export is quantized as `tools/export_model.py --int8` does (d2_defects.inference.quantize:
+ONNX Runtime's static quantizer, QDQ format, INT8 weights per output channel, UINT8 activations, MinMax
+calibration on --num-calibration images of --calibration; --ops says which operators: convolutions, and the box
+heads' fully connected layers with Gemm). Both graphs run in ONNX Runtime
 and in OpenVINO (which reads the QDQ graph and runs the quantized operators in INT8), each with the export's
 postprocess.py. Printed: AP / AP50 on the config's test set (pycocotools, all its images), and the median time
 per image on the first --num-timed images (an image resized to the test size in, final detections out),
@@ -32,24 +33,13 @@ sys.path.insert(0, ROOT)
 
 
 def quantize(src_dir, dst_dir, calibration, ops):
-    """Write dst_dir/model.onnx (INT8 QDQ) and copy postprocess.py / postprocess.json."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(calibration)
-
-        def get_next(self):
-            x = next(self._it, None)
-            return None if x is None else {"image": x.numpy()}
+    """Write dst_dir/model.onnx (INT8 QDQ, the library's quantize_onnx) and copy postprocess.py / .json."""
+    from d2_defects.inference.quantize import quantize_onnx
 
     os.makedirs(dst_dir, exist_ok=True)
     for f in ("postprocess.py", "postprocess.json"):
         shutil.copy(os.path.join(src_dir, f), dst_dir)
-    quantize_static(os.path.join(src_dir, "model.onnx"), os.path.join(dst_dir, "model.onnx"), Reader(),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, op_types_to_quantize=ops, calibrate_method=CalibrationMethod.MinMax)
+    quantize_onnx(os.path.join(src_dir, "model.onnx"), os.path.join(dst_dir, "model.onnx"), calibration, ops)
 
 
 def to_openvino(folder):

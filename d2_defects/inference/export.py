@@ -42,7 +42,8 @@ from ..utils.errors import DefectsError
 __all__ = [
     "FORMATS", "MODEL_FILES", "ExportError", "export_model", "load_exported", "ExportedModel",
     "compare_detections", "check_parity", "deferred_postprocess", "load_samples", "output_files", "check_exportable",
-    "ExportedDetector", "sliced_exported", "check_sliced_parity", "check_matches_config",
+    "ExportedDetector", "sliced_exported", "check_sliced_parity", "check_matches_config", "require_runtime",
+    "convert_openvino",
 ]
 
 FORMATS = ("torchscript", "onnx", "openvino")
@@ -141,7 +142,8 @@ def _first_line(e):
     return next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
 
 
-def _require(fmt):
+def require_runtime(fmt):
+    """Raise :class:`ExportError` when a package the runtime of ``fmt`` needs is not installed."""
     for pkg in _PACKAGES.get(fmt, ()):
         if importlib.util.find_spec(pkg) is None:
             raise ExportError(f"--format {fmt} needs the {pkg} package (pinned in requirements.txt; "
@@ -174,7 +176,7 @@ def export_model(model, image, output_dir, fmt, meta=None):
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}, expected one of {FORMATS}")
-    _require(fmt)
+    require_runtime(fmt)
     model.eval()
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, MODEL_FILES[fmt])
@@ -200,7 +202,7 @@ def export_model(model, image, output_dir, fmt, meta=None):
             with tempfile.TemporaryDirectory() as tmp:
                 onnx_path = os.path.join(tmp, "model.onnx")
                 _export_onnx(flat, image, onnx_path, names)
-                _convert_openvino(onnx_path, path)
+                convert_openvino(onnx_path, path)
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "deploy_postprocess.py"),
                     os.path.join(output_dir, "postprocess.py"))
     from ..modeling.tta import model_num_classes
@@ -255,7 +257,8 @@ def _export_onnx(flat, image, path, names):
         raise ExportError(f"cannot export {type(flat.model).__name__} to ONNX: {_first_line(e)}") from None
 
 
-def _convert_openvino(onnx_path, xml_path):
+def convert_openvino(onnx_path, xml_path):
+    """Convert the ONNX graph ``onnx_path`` to OpenVINO's ``xml_path`` (+ .bin), FP32 weights."""
     import openvino as ov
 
     try:
@@ -328,7 +331,7 @@ class ExportedModel:
         missing = [p for p in output_files(output_dir, fmt) if not os.path.isfile(p)]
         if missing:
             raise ExportError(f"{missing[0]} not found: export the model first (tools/export_model.py --format {fmt})")
-        _require(fmt)
+        require_runtime(fmt)
         with open(os.path.join(output_dir, "postprocess.json")) as f:
             self.info = json.load(f)
         self.fmt = fmt

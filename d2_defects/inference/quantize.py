@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 
-from .export import ExportError, _convert_openvino, _require, export_model, output_files
+from .export import ExportError, convert_openvino, export_model, output_files, require_runtime
 
 __all__ = ["INT8_FORMATS", "DEFAULT_INT8_OPS", "quantize_onnx", "export_int8", "int8_agreement"]
 
@@ -80,7 +80,7 @@ def export_int8(model, image, output_dir, fmt, calibration, fp32_check, meta=Non
     """
     if fmt not in INT8_FORMATS:
         raise ExportError(f"INT8 export is for --format {' or '.join(INT8_FORMATS)}, not {fmt}")
-    _require(fmt)
+    require_runtime(fmt)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_dir = os.path.join(tmp, "fp32")
         export_model(model, image, fp32_dir, "onnx", meta=meta)
@@ -92,7 +92,7 @@ def export_int8(model, image, output_dir, fmt, calibration, fp32_check, meta=Non
         if fmt == "onnx":
             shutil.copyfile(q_path, files[0])
         else:
-            _convert_openvino(q_path, files[0])
+            convert_openvino(q_path, files[0])
         shutil.copyfile(os.path.join(fp32_dir, "postprocess.py"), os.path.join(output_dir, "postprocess.py"))
         with open(os.path.join(fp32_dir, "postprocess.json")) as f:
             info = json.load(f)

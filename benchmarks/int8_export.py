@@ -17,8 +17,6 @@ interleaved, with the ratio to FP32 in the same runtime. Only the onnx, onnxrunt
 requirements.txt are used; nothing is written next to --export (the INT8 files go to a temporary folder).
 """
 import argparse
-import contextlib
-import io
 import os
 import shutil
 import statistics
@@ -42,14 +40,6 @@ def quantize(src_dir, dst_dir, calibration, ops):
     quantize_onnx(os.path.join(src_dir, "model.onnx"), os.path.join(dst_dir, "model.onnx"), calibration, ops)
 
 
-def to_openvino(folder):
-    """model.xml / model.bin next to the folder's model.onnx (the same conversion for FP32 and INT8)."""
-    import openvino as ov
-
-    ov.save_model(ov.convert_model(os.path.join(folder, "model.onnx")), os.path.join(folder, "model.xml"),
-                  compress_to_fp16=False)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="the config the model was exported with")
@@ -69,7 +59,8 @@ def main():
 
     import d2_defects  # noqa: F401  registers the datasets
     from d2_defects.config import load_config
-    from d2_defects.inference.export import ExportedModel, load_samples
+    from d2_defects.inference.ensemble import evaluate_results
+    from d2_defects.inference.export import ExportedModel, convert_openvino, load_samples
     from d2_defects.inference.predictor import read_image
 
     torch.set_num_threads(args.threads)
@@ -85,8 +76,8 @@ def main():
         fp32, int8 = os.path.join(tmp, "fp32"), os.path.join(tmp, "int8")
         shutil.copytree(args.export, fp32)
         quantize(args.export, int8, calibration, args.ops.split(","))
-        for folder in (fp32, int8):
-            to_openvino(folder)
+        for folder in (fp32, int8):  # the same conversion for FP32 and INT8
+            convert_openvino(os.path.join(folder, "model.onnx"), os.path.join(folder, "model.xml"))
         models = {f"{rt} {prec}": ExportedModel(folder, fmt, threads=args.threads)
                   for prec, folder in (("fp32", fp32), ("int8", int8))
                   for rt, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino"))}
@@ -105,24 +96,16 @@ def main():
                     results[name].append(dict(image_id=rec["image_id"], category_id=to_dataset_id[c], score=s,
                                               bbox=[x0, y0, x1 - x0, y1 - y0]))
 
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     print(f"{dataset}: {len(records)} images evaluated, {min(args.num_timed, len(records))} timed, "
           f"{args.threads} thread(s), quantized ops {args.ops}, {args.num_calibration} calibration images")
     print("| runtime | precision | AP | AP50 | ms/image (median) | images/s | ratio to fp32 |")
     print("|---|---|---|---|---|---|---|")
     for name in models:
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt = COCO(meta.json_file)
-            ev = COCOeval(gt, gt.loadRes(results[name]), "bbox")
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
+        ap = evaluate_results(results[name], dataset)
         med = statistics.median(times[name])
         base = statistics.median(times[name.replace("int8", "fp32")])
         rt, prec = name.split()
-        print(f"| {rt} | {prec} | {100 * ev.stats[0]:.1f} | {100 * ev.stats[1]:.1f} | {1e3 * med:.1f} | "
+        print(f"| {rt} | {prec} | {ap['AP']:.1f} | {ap['AP50']:.1f} | {1e3 * med:.1f} | "
               f"{1 / med:.1f} | {med / base:.2f}x |")
 
 
